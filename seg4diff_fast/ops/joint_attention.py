@@ -1,0 +1,216 @@
+"""`joint_attention`: attention over the joint MM-DiT sequence that also returns image→text maps.
+
+This module owns the public contract: argument checking, normalisation of the capture request into one
+:class:`CaptureSpec`, and dispatch to a backend. The backends compute the same thing:
+
+- ``"triton"``  fused flash-style kernels (``seg4diff_fast.kernels.joint_attention``), CUDA or the
+  Triton CPU interpreter (``TRITON_INTERPRET=1``);
+- ``"torch"``   torch's own SDPA kernel with its logsumexp, plus a recompute of the selected columns
+  (``torch_attention.py``); memory-lean on any device;
+- ``"reference"`` materialises the full softmax (``reference.py``); for tests and benchmarks only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("probs", "logits", "sel_probs")
+HEAD_REDUCES = ("mean", "max", "none")
+BACKENDS = ("triton", "torch", "reference")
+MAX_SELECTED = 512
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """A validated capture request.
+
+    ``cols`` is (B, n_sel) int64 on the tensors' device, -1 marking padding; ``rows`` is the half-open
+    query-row range [r0, r1) whose maps are returned.
+    """
+
+    cols: torch.Tensor
+    r0: int
+    r1: int
+    mode: str
+    head_reduce: str
+
+    @property
+    def n_rows(self) -> int:
+        return self.r1 - self.r0
+
+    @property
+    def n_sel(self) -> int:
+        return self.cols.shape[1]
+
+    def maps_shape(self, batch: int, heads: int) -> tuple[int, ...]:
+        if self.head_reduce == "none":
+            return (batch, heads, self.n_rows, self.n_sel)
+        return (batch, self.n_rows, self.n_sel)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"joint_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"joint_attention: {name} must be 4-D (B, H, N, D), got shape {tuple(t.shape)}; "
+                "diffusers' (B, N, H, D) tensors go in as .transpose(1, 2) views (no copy needed)"
+            )
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"joint_attention: {name} has dtype {t.dtype}; use float32, float16 or bfloat16")
+    if not (q.shape == k.shape and k.shape[:3] == v.shape[:3]):
+        raise ValueError(
+            "joint_attention: q, k, v must share (B, H, N) and q, k the head size; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"joint_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); cast them to one")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"joint_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+
+
+def make_capture_spec(
+    capture_cols: torch.Tensor | None,
+    capture_rows: tuple[int, int] | None,
+    mode: str,
+    head_reduce: str,
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+) -> CaptureSpec | None:
+    """Validate the capture arguments; returns None when nothing is captured."""
+    if mode not in MODES:
+        raise ValueError(f"joint_attention: mode={mode!r} is not one of {MODES}")
+    if head_reduce not in HEAD_REDUCES:
+        raise ValueError(f"joint_attention: head_reduce={head_reduce!r} is not one of {HEAD_REDUCES}")
+    if capture_cols is None:
+        return None
+    cols = torch.as_tensor(capture_cols)
+    if cols.dtype.is_floating_point or cols.dtype == torch.bool or cols.is_complex():
+        raise TypeError(f"joint_attention: capture_cols must be an integer tensor, got {cols.dtype}")
+    if cols.dim() == 1:
+        cols = cols.unsqueeze(0).expand(batch, -1)
+    elif cols.dim() != 2 or cols.shape[0] != batch:
+        raise ValueError(
+            f"joint_attention: capture_cols must be (n_sel,) or (B={batch}, n_sel), got shape {tuple(cols.shape)}"
+        )
+    n_sel = cols.shape[1]
+    if not 1 <= n_sel <= MAX_SELECTED:
+        raise ValueError(f"joint_attention: {n_sel} capture columns; between 1 and {MAX_SELECTED} are supported")
+    lo, hi = int(cols.min()), int(cols.max())
+    if lo < -1 or hi >= seq_len:
+        raise ValueError(
+            f"joint_attention: capture_cols must lie in [0, N={seq_len}) with -1 as padding; "
+            f"got values in [{lo}, {hi}]"
+        )
+    r0, r1 = (0, seq_len) if capture_rows is None else (int(capture_rows[0]), int(capture_rows[1]))
+    if not 0 <= r0 < r1 <= seq_len:
+        raise ValueError(
+            f"joint_attention: capture_rows=({r0}, {r1}) must be a non-empty half-open range inside [0, {seq_len}]"
+        )
+    cols = cols.to(device=device, dtype=torch.int64).contiguous()
+    return CaptureSpec(cols=cols, r0=r0, r1=r1, mode=mode, head_reduce=head_reduce)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that will run: the argument, else ``SEG4DIFF_BACKEND``, else the best available."""
+    requested = backend or os.environ.get("SEG4DIFF_BACKEND") or None
+    if requested is None:
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"joint_attention: backend={requested!r} is not one of {BACKENDS} (or None for auto)")
+    if requested == "triton":
+        if not triton_available():
+            raise RuntimeError("joint_attention: backend 'triton' needs the triton package: pip install triton")
+        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+            raise RuntimeError(
+                f"joint_attention: backend 'triton' runs on CUDA tensors (got {device.type}); set "
+                "TRITON_INTERPRET=1 before importing seg4diff_fast to run it on the CPU interpreter, "
+                "or use backend='torch'"
+            )
+    return requested
+
+
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    capture_cols: torch.Tensor | None = None,
+    capture_rows: tuple[int, int] | None = None,
+    mode: str = "probs",
+    head_reduce: str = "mean",
+    scale: float | None = None,
+    backend: str | None = None,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention over the whole joint sequence, plus image→text maps from the same pass.
+
+    Computes ``out = softmax(q kᵀ · scale) v`` and, for the query rows ``capture_rows`` and the key
+    columns ``capture_cols``, a float32 map of those rows' attention to those columns, without ever
+    allocating anything of size N².
+
+    Args:
+        q, k, v: (B, H, N, D) in float32, float16 or bfloat16; any strides (diffusers' (B, N, H, D)
+            tensors go in as ``.transpose(1, 2)`` views without a copy).
+        capture_cols: key columns to capture, (n_sel,) shared or (B, n_sel) per batch element with -1
+            as padding (padded columns come back as 0); None captures nothing and ``maps`` is None.
+        capture_rows: half-open range of query rows whose maps are returned; default all N rows.
+        mode: ``"probs"`` softmax over all N keys (the paper's maps), ``"logits"`` the raw scaled
+            scores (MAGNET), ``"sel_probs"`` softmax over the selected columns only.
+        head_reduce: ``"mean"``, ``"max"`` or ``"none"`` (per-head maps).
+        scale: score scale, default ``1/sqrt(D)``.
+        backend: None (best available: Triton on CUDA, else torch), ``"triton"``, ``"torch"`` or
+            ``"reference"``; the ``SEG4DIFF_BACKEND`` environment variable overrides the auto choice.
+        deterministic: Triton only: reduce heads in a fixed order (a per-head buffer, then a sum)
+            instead of float atomics, so repeated runs give identical bits.
+
+    Returns:
+        ``(out, maps)``: ``out`` has q's shape and dtype; ``maps`` is float32 (B, R, n_sel), or
+        (B, H, R, n_sel) for ``head_reduce="none"``, with R = r1 - r0; None without capture.
+
+    Gradients reach q, k and v from both outputs (the map's for every mode with head_reduce "mean"
+    or "none"; "max" raises at backward).
+
+    Example:
+        >>> import torch
+        >>> from seg4diff_fast import joint_attention
+        >>> q, k, v = (torch.randn(1, 2, 40, 64) for _ in range(3))
+        >>> out, maps = joint_attention(q, k, v, capture_cols=torch.arange(32, 40), capture_rows=(0, 32))
+        >>> out.shape, maps.shape
+        (torch.Size([1, 2, 40, 64]), torch.Size([1, 32, 8]))
+    """
+    _check_qkv(q, k, v)
+    batch, heads, seq_len, head_dim = q.shape
+    spec = make_capture_spec(capture_cols, capture_rows, mode, head_reduce, batch, seq_len, q.device)
+    scale = float(head_dim**-0.5 if scale is None else scale)
+    chosen = resolve_backend(backend, q.device)
+    if chosen == "triton":
+        from ..kernels.joint_attention import triton_joint_attention
+
+        return triton_joint_attention(q, k, v, spec, scale, deterministic=deterministic)
+    if chosen == "torch":
+        from .torch_attention import torch_joint_attention
+
+        return torch_joint_attention(q, k, v, spec, scale)
+    from .reference import reference_joint_attention
+
+    return reference_joint_attention(q, k, v, spec, scale)

@@ -1,0 +1,181 @@
+"""The "torch" backend: torch's own fused SDPA (which returns its logsumexp) plus a recompute of the
+selected columns, and a row-chunked backward. Nothing of size N² is ever allocated: the forward's extra
+memory is one (B, heads-chunk, R, n_sel) score block; the backward's is a few (B, H, rows-chunk, N)
+blocks bounded by ``CHUNK_BYTES``.
+
+Math (per head, s = q kᵀ·scale, P = softmax(s), lse = log Σ_j exp s_ij):
+  probs map    M_ic = exp(s_i,c − lse_i)           logits map  M_ic = s_i,c
+  sel_probs    M_ic = softmax_c(s_i,c)  over the selected columns only
+Backward with G = dL/dM (per head: G/H for the head mean):
+  dS_ij = P_ij (dP_ij − D_i) + T_ij,   D_i = dO_i·O_i (+ Σ_c M_ic G_ic for probs),
+  T at the selected columns: probs P·G, logits G, sel_probs M(G − Σ_c M G); zero elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .joint_attention import CaptureSpec
+from .reference import gather_cols, head_maps, reduce_heads
+
+CHUNK_BYTES = 32 << 20  # one float32 working block of the chunked paths
+
+
+def _rows_per_chunk(per_row_bytes: int, total: int) -> int:
+    return max(1, min(total, CHUNK_BYTES // max(per_row_bytes, 1)))
+
+
+def chunked_sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention and logsumexp by blocks of query rows (any device, any dtype)."""
+    b, h, n, _ = q.shape
+    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    kf, vf = k.float(), v.float()
+    step = _rows_per_chunk(b * h * n * 4, n)
+    for a in range(0, n, step):
+        s = torch.matmul(q[:, :, a : a + step].float(), kf.transpose(-1, -2)).mul_(scale)
+        lse[:, :, a : a + step] = torch.logsumexp(s, dim=-1)
+        s.sub_(lse[:, :, a : a + step, None]).exp_()
+        out[:, :, a : a + step] = torch.matmul(s, vf).to(q.dtype)
+    return out, lse
+
+
+def sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused attention kernel, keeping the float32 logsumexp it computes anyway."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=None, scale=scale
+        )
+        return out, lse
+    if q.device.type == "cuda":
+        n = q.shape[2]
+        try:
+            if q.dtype in (torch.float16, torch.bfloat16):
+                res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            else:
+                res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+            return res[0], res[1][..., :n].float()
+        except RuntimeError:  # unsupported head size / arch: fall through to the exact chunked path
+            pass
+    return chunked_sdpa_with_lse(q, k, v, scale)
+
+
+def capture_maps(q, k, lse, spec: CaptureSpec, scale: float) -> torch.Tensor:
+    """Maps for rows [r0, r1) and the selected columns from the stored logsumexp, heads in chunks."""
+    b, h, _, _ = q.shape
+    kc = gather_cols(k, spec.cols)  # (B, H, n_sel, D): tiny
+    rows = slice(spec.r0, spec.r1)
+    step = _rows_per_chunk(b * spec.n_rows * spec.n_sel * 4, h)  # heads per chunk
+    out = torch.empty(spec.maps_shape(b, h), dtype=torch.float32, device=q.device)
+    for h0 in range(0, h, step):
+        hs = slice(h0, h0 + step)
+        s = torch.matmul(q[:, hs, rows].float(), kc[:, hs].float().transpose(-1, -2)).mul_(scale)
+        m = head_maps(s, lse[:, hs, rows], spec)
+        if spec.head_reduce == "none":
+            out[:, hs] = m
+        elif h0 == 0:
+            out.copy_(m.sum(1) if spec.head_reduce == "mean" else m.amax(1))
+        elif spec.head_reduce == "mean":
+            out.add_(m.sum(1))
+        else:
+            torch.maximum(out, m.amax(1), out=out)
+    if spec.head_reduce == "mean":
+        out.div_(h)
+    return out
+
+
+def column_grad(s_sel, lse_rows, g_heads, spec: CaptureSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dS at the selected columns (T) and, for "probs", the row term Σ_c M_ic G_ic folded into D_i."""
+    g_heads = g_heads.masked_fill((spec.cols < 0)[:, None, None, :], 0.0)
+    if spec.mode == "logits":
+        return g_heads, None
+    m = head_maps(s_sel, lse_rows, spec)
+    if spec.mode == "probs":
+        t = m * g_heads
+        return t, t.sum(-1)
+    return m * (g_heads - (m * g_heads).sum(-1, keepdim=True)), None
+
+
+def chunked_backward(q, k, v, out, lse, dout, dmaps, spec: CaptureSpec | None, scale: float):
+    """Exact gradients of (out, maps) by blocks of query rows, recomputing P from the logsumexp."""
+    b, h, n, _ = q.shape
+    kf, vf = k.float(), v.float()
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dout = torch.zeros_like(out, dtype=torch.float32) if dout is None else dout.float()
+    delta = (dout * out.float()).sum(-1)  # D_i = dO_i·O_i, (B, H, N)
+    if dmaps is not None:
+        g = dmaps.float()
+        g_all = g.unsqueeze(1).expand(b, h, -1, -1) / h if spec.head_reduce == "mean" else g
+        kc = gather_cols(kf, spec.cols)
+        idx_cols = spec.cols.clamp(min=0)[:, None, None, :]
+    step = _rows_per_chunk(b * h * n * 4, n)
+    for a in range(0, n, step):
+        e = min(a + step, n)
+        qa = q[:, :, a:e].float()
+        s = torch.matmul(qa, kf.transpose(-1, -2)).mul_(scale)
+        p = s.sub_(lse[:, :, a:e, None]).exp_()  # P, in place of s
+        d_a = delta[:, :, a:e]
+        cap = None
+        if dmaps is not None and a < spec.r1 and e > spec.r0:
+            c0, c1 = max(a, spec.r0), min(e, spec.r1)
+            s_sel = torch.matmul(q[:, :, c0:c1].float(), kc.transpose(-1, -2)).mul_(scale)
+            t, row_term = column_grad(s_sel, lse[:, :, c0:c1], g_all[:, :, c0 - spec.r0 : c1 - spec.r0], spec)
+            if row_term is not None:
+                d_a = d_a.clone()
+                d_a[:, :, c0 - a : c1 - a] += row_term
+            cap = (c0 - a, c1 - a, t)
+        dv += torch.matmul(p.transpose(-1, -2), dout[:, :, a:e])
+        ds = torch.matmul(dout[:, :, a:e], vf.transpose(-1, -2)).sub_(d_a[..., None]).mul_(p)
+        if cap is not None:
+            lo, hi, t = cap
+            ds[:, :, lo:hi].scatter_add_(-1, idx_cols.expand(b, h, hi - lo, -1), t)
+        dq[:, :, a:e] = torch.matmul(ds, kf).mul_(scale)
+        dk += torch.matmul(ds.transpose(-1, -2), qa).mul_(scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class TorchJointAttention(torch.autograd.Function):
+    """Forward: fused SDPA + logsumexp + recomputed columns. Backward: torch's own kernel when only
+    ``out`` has a gradient on CPU, else the exact row-chunked backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cols, r0, r1, mode, head_reduce, scale):
+        spec = CaptureSpec(cols=cols, r0=r0, r1=r1, mode=mode, head_reduce=head_reduce)
+        out, lse = sdpa_with_lse(q, k, v, scale)
+        maps = capture_maps(q, k, lse, spec, scale)
+        ctx.save_for_backward(q, k, v, out, lse, cols)
+        ctx.meta = (r0, r1, mode, head_reduce, scale)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return out, maps, lse
+
+    @staticmethod
+    def backward(ctx, dout, dmaps, _dlse):
+        q, k, v, out, lse, cols = ctx.saved_tensors
+        r0, r1, mode, head_reduce, scale = ctx.meta
+        spec = CaptureSpec(cols=cols, r0=r0, r1=r1, mode=mode, head_reduce=head_reduce)
+        if dmaps is not None and head_reduce == "max":
+            raise RuntimeError(
+                "joint_attention: head_reduce='max' has no gradient; train through head_reduce='mean' or 'none'"
+            )
+        if dmaps is None and dout is None:
+            return (None,) * 9
+        if dmaps is None and q.device.type == "cpu":
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                dout.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale
+            )
+        else:
+            dq, dk, dv = chunked_backward(q, k, v, out, lse, dout, dmaps, spec, scale)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def torch_joint_attention(q, k, v, spec: CaptureSpec | None, scale: float):
+    if spec is None:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out, None
+    out, maps, _ = TorchJointAttention.apply(
+        q, k, v, spec.cols, spec.r0, spec.r1, spec.mode, spec.head_reduce, scale
+    )
+    return out, maps
