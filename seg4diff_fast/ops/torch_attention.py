@@ -20,6 +20,9 @@ from .reference import gather_cols, head_maps, reduce_heads
 
 CHUNK_BYTES = 32 << 20  # one float32 working block of the chunked paths
 
+# Output allocator (tests replace it with a NaN-filling one so unwritten elements show up).
+empty_output = torch.empty
+
 
 def _rows_per_chunk(per_row_bytes: int, total: int) -> int:
     return max(1, min(total, CHUNK_BYTES // max(per_row_bytes, 1)))
@@ -28,8 +31,8 @@ def _rows_per_chunk(per_row_bytes: int, total: int) -> int:
 def chunked_sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention and logsumexp by blocks of query rows (any device, any dtype)."""
     b, h, n, _ = q.shape
-    out = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    out = empty_output(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    lse = empty_output((b, h, n), dtype=torch.float32, device=q.device)
     kf, vf = k.float(), v.float()
     step = _rows_per_chunk(b * h * n * 4, n)
     for a in range(0, n, step):
@@ -66,7 +69,7 @@ def capture_maps(q, k, lse, spec: CaptureSpec, scale: float) -> torch.Tensor:
     kc = gather_cols(k, spec.cols)  # (B, H, n_sel, D): tiny
     rows = slice(spec.r0, spec.r1)
     step = _rows_per_chunk(b * spec.n_rows * spec.n_sel * 4, h)  # heads per chunk
-    out = torch.empty(spec.maps_shape(b, h), dtype=torch.float32, device=q.device)
+    out = empty_output(spec.maps_shape(b, h), dtype=torch.float32, device=q.device)
     for h0 in range(0, h, step):
         hs = slice(h0, h0 + step)
         s = torch.matmul(q[:, hs, rows].float(), kc[:, hs].float().transpose(-1, -2)).mul_(scale)
@@ -100,7 +103,7 @@ def chunked_backward(q, k, v, out, lse, dout, dmaps, spec: CaptureSpec | None, s
     """Exact gradients of (out, maps) by blocks of query rows, recomputing P from the logsumexp."""
     b, h, n, _ = q.shape
     kf, vf = k.float(), v.float()
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dq = empty_output(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dout = torch.zeros_like(out, dtype=torch.float32) if dout is None else dout.float()

@@ -1,0 +1,554 @@
+"""Fused joint attention with image→text map capture (Triton), forward and backward.
+
+Per (batch b, head h), with s = q kᵀ·scale over all N keys (worked in log2 units: s₂ = s·log2 e):
+
+Forward (one program per BLOCK_M query rows):
+  * flash-style online softmax over the key blocks → O and lse (stored, natural log, float32);
+  * then, if the row block meets the captured rows [R0, R1), the selected columns' scores are
+    recomputed from the q block still in registers and k gathered at the selected columns:
+      probs      M = exp(s − lse)             (softmax over all N keys)
+      logits     M = s                        (raw scaled score)
+      sel_probs  M = softmax over the selected columns (two passes over the column blocks)
+    and reduced over heads into the float32 map: atomic add of M/H (mean), atomic max (max), or a
+    plain store into a per-head buffer (head_reduce "none", and the deterministic mean).
+  Nothing of size N² exists; the only extra state is lse (B·H·N floats).
+
+Backward (P recomputed from lse, as in the Triton fused-attention tutorial), with G_h = dL/dM for head
+h (G/H for the head mean):
+  dS_ij = P_ij (dP_ij − D_i) + T_ij,  dP = dO vᵀ,
+  D_i = dO_i·O_i  (+ Σ_c M_ic G_ic for probs; this row term is what the map adds to the softmax Jacobian)
+  T_ic at the selected columns: probs P·G, logits G, sel_probs M (G − Σ_c' M G); zero elsewhere.
+  Kernels: _bwd_preprocess (D, and for sel_probs the selected-column logsumexp and Σ M G per row),
+  _bwd_dkdv (dense part, loops over query blocks), _bwd_dq (dense part + T·k_sel),
+  _bwd_dk_sel (Tᵀ·q for the selected columns, added into dk by a scatter-add, which also handles
+  repeated columns).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MODE_IDS = {"probs": 0, "logits": 1, "sel_probs": 2}
+REDUCE_SUM, REDUCE_MAX, REDUCE_STORE = 0, 1, 2
+
+# Output allocator (tests replace it with a NaN-filling one so unwritten elements show up).
+empty_output = torch.empty
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [
+                (128, 64, 4, 3),
+                (128, 64, 8, 3),
+                (128, 128, 8, 3),
+                (128, 32, 4, 4),
+                (64, 64, 4, 4),
+                (64, 128, 4, 3),
+            ]
+        ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 4), (128, 128, 8, 2)]
+    ]
+
+
+def _block_c(n_sel: int) -> int:
+    return 16 if _interpreting() else min(64, max(16, triton.next_power_of_2(n_sel)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared device helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL):
+    """k gathered at the selected columns of this block: (BLOCK_C, D), the column ids and validity."""
+    cidx = tl.load(COLS + c_base + offs_c * scc, mask=offs_c < NSEL, other=-1)
+    valid = cidx >= 0
+    safe = tl.where(valid, cidx, 0).to(tl.int64)
+    kc = tl.load(K + k_base + safe[:, None] * skn + offs_d[None, :] * skd, mask=valid[:, None], other=0.0)
+    return kc, valid
+
+
+@triton.jit
+def _sel_softmax_stats(q, K, k_base, skn, skd, COLS, c_base, scc, NSEL, qk_scale2,
+                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       PREC: tl.constexpr):
+    """Running max and sum (log2 units) of exp2(s₂) over the valid selected columns."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(0, NSEL, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        kc, valid = _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL)
+        s2 = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale2
+        s2 = tl.where(valid[None, :], s2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_sum = l_sum * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), 1)
+        m = m_new
+    # log2-sum-exp2 of the selected scores; rows with no valid column get +inf (maps then read 0)
+    return tl.where(l_sum > 0, m + tl.log2(l_sum), float("inf"))
+
+
+@triton.jit
+def _sel_map(q, kc, valid, lse2_row, lsel2_row, qk_scale2, scale, MODE: tl.constexpr, PREC: tl.constexpr):
+    """The captured value M for one (rows × selected-columns) tile; padded columns give 0."""
+    qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
+    if MODE == 0:
+        val = tl.exp2(qk * qk_scale2 - lse2_row[:, None])
+    elif MODE == 1:
+        val = qk * scale
+    else:
+        val = tl.exp2(qk * qk_scale2 - lsel2_row[:, None])
+    return tl.where(valid[None, :], val, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM", "CAPTURE", "MODE", "REDUCE"], restore_value=["MAPS"])
+@triton.jit
+def _attn_fwd(
+    Q, K, V, O, LSE, COLS, MAPS,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+    scb, scc, smb, smh, smr, smc,
+    H, N, R0, R1, NSEL, qk_scale2, scale, map_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    CAPTURE: tl.constexpr, MODE: tl.constexpr, REDUCE: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = b * sqb + h * sqh
+    k_base = b * skb + h * skh
+    v_base = b * svb + h * svh
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    q = tl.load(Q + q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        s2 = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        s2 = tl.where(col_ok[None, :], s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        p = tl.exp2(s2 - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, lse2 / 1.4426950408889634, mask=row_ok)
+
+    if CAPTURE:
+        row_lo = pid_m * BLOCK_M
+        if (row_lo < R1) & (row_lo + BLOCK_M > R0):
+            cap_rows = (offs_m >= R0) & (offs_m < R1)
+            c_base = b * scb
+            lsel2 = lse2
+            if MODE == 2:
+                lsel2 = _sel_softmax_stats(q, K, k_base, skn, skd, COLS, c_base, scc, NSEL, qk_scale2,
+                                           BLOCK_M, BLOCK_C, HEAD_DIM, PREC)
+            m_base = b * smb + h * smh
+            for c0 in range(0, NSEL, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                kc, valid = _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL)
+                val = _sel_map(q, kc, valid, lse2, lsel2, qk_scale2, scale, MODE, PREC)
+                ptrs = MAPS + m_base + (offs_m - R0)[:, None] * smr + offs_c[None, :] * smc
+                msk = cap_rows[:, None] & (offs_c[None, :] < NSEL)
+                if REDUCE == 0:
+                    tl.atomic_add(ptrs, val * map_scale, mask=msk, sem="relaxed")
+                elif REDUCE == 1:
+                    tl.atomic_max(ptrs, val, mask=msk, sem="relaxed")
+                else:
+                    tl.store(ptrs, val, mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(
+    Q, K, O, DO, LSE, COLS, G, DELTA, LSEL, HSEL,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, sob, soh, son, sod, sdb, sdh, sdn, sdd,
+    scb, scc, sgb, sgh, sgr, sgc,
+    H, N, R0, R1, NSEL, qk_scale2, scale, g_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    CAP_GRAD: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+):
+    """D_i = dO_i·O_i (+ Σ_c M G for probs); for sel_probs also the selected logsumexp and Σ_c M G."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if CAP_GRAD:
+        row_lo = pid_m * BLOCK_M
+        if (row_lo < R1) & (row_lo + BLOCK_M > R0) & (MODE != 1):
+            cap_rows = (offs_m >= R0) & (offs_m < R1)
+            k_base = b * skb + h * skh
+            c_base = b * scb
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                        mask=row_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+            lsel2 = lse2
+            if MODE == 2:
+                lsel2 = _sel_softmax_stats(q, K, k_base, skn, skd, COLS, c_base, scc, NSEL, qk_scale2,
+                                           BLOCK_M, BLOCK_C, HEAD_DIM, PREC)
+            mg = tl.zeros([BLOCK_M], tl.float32)
+            for c0 in range(0, NSEL, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                kc, valid = _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL)
+                val = _sel_map(q, kc, valid, lse2, lsel2, qk_scale2, scale, MODE, PREC)
+                g = tl.load(G + b * sgb + h * sgh + (offs_m - R0)[:, None] * sgr + offs_c[None, :] * sgc,
+                            mask=cap_rows[:, None] & (offs_c[None, :] < NSEL), other=0.0) * g_scale
+                mg += tl.sum(val * g, 1)
+            if MODE == 0:
+                delta += tl.where(cap_rows, mg, 0.0)
+            else:
+                cap_idx = pid_bh.to(tl.int64) * (R1 - R0) + (offs_m - R0)
+                tl.store(LSEL + cap_idx, lsel2, mask=cap_rows)
+                tl.store(HSEL + cap_idx, mg, mask=cap_rows)
+    tl.store(DELTA + pid_bh.to(tl.int64) * N + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _sel_grad(q, kc, valid, g, lse2_row, lsel2_row, hsel_row, qk_scale2, scale,
+              MODE: tl.constexpr, PREC: tl.constexpr):
+    """T, the map's direct contribution to dS at the selected columns of one tile."""
+    if MODE == 1:
+        t = g
+    else:
+        val = _sel_map(q, kc, valid, lse2_row, lsel2_row, qk_scale2, scale, MODE, PREC)
+        if MODE == 0:
+            t = val * g
+        else:
+            t = val * (g - hsel_row[:, None])
+    return tl.where(valid[None, :], t, 0.0)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM"])
+@triton.jit
+def _bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    s_dkb, s_dkh, s_dkn, s_dkd, s_dvb, s_dvh, s_dvn, s_dvd,
+    H, N, qk_scale2, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per key block: dv = Σ Pᵀ dO, dk = scale Σ dSᵀ q over every query block."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = offs_n < N
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    q_base = b * sqb + h * sqh
+    do_base = b * sdb + h * sdh
+    row_base = pid_bh.to(tl.int64) * N
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < N
+        q = tl.load(Q + q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(DO + do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+        # transposed tile (keys × rows): Pᵀ = exp2(k qᵀ·scale₂ − lse₂)
+        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2 - lse2[None, :])
+        pt = tl.where(row_ok[None, :] & col_ok[:, None], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM", "CAP_GRAD", "MODE"])
+@triton.jit
+def _bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, COLS, G, LSEL, HSEL,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdb, sdh, sdn, sdd,
+    s_dqb, s_dqh, s_dqn, s_dqd, scb, scc, sgb, sgh, sgr, sgc,
+    H, N, R0, R1, NSEL, qk_scale2, scale, g_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    CAP_GRAD: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per query block: dq = scale (Σ_j dS_ij k_j + Σ_c T_ic k_sel,c)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < N
+    k_base = b * skb + h * skh
+    v_base = b * svb + h * svh
+    row_base = pid_bh.to(tl.int64) * N
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < N
+        k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2 - lse2[:, None])
+        p = tl.where(col_ok[None, :] & row_ok[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    if CAP_GRAD:
+        row_lo = pid_m * BLOCK_M
+        if (row_lo < R1) & (row_lo + BLOCK_M > R0):
+            cap_rows = (offs_m >= R0) & (offs_m < R1)
+            cap_idx = pid_bh.to(tl.int64) * (R1 - R0) + (offs_m - R0)
+            lsel2 = lse2
+            hsel = delta
+            if MODE == 2:
+                lsel2 = tl.load(LSEL + cap_idx, mask=cap_rows, other=0.0)
+                hsel = tl.load(HSEL + cap_idx, mask=cap_rows, other=0.0)
+            c_base = b * scb
+            for c0 in range(0, NSEL, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                kc, valid = _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL)
+                g = tl.load(G + b * sgb + h * sgh + (offs_m - R0)[:, None] * sgr + offs_c[None, :] * sgc,
+                            mask=cap_rows[:, None] & (offs_c[None, :] < NSEL), other=0.0) * g_scale
+                t = _sel_grad(q, kc, valid, g, lse2, lsel2, hsel, qk_scale2, scale, MODE, PREC)
+                dq += tl.dot(t.to(kc.dtype), kc, input_precision=PREC)
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dk_sel(
+    Q, K, LSE, COLS, G, LSEL, HSEL, DKSEL,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, scb, scc, sgb, sgh, sgr, sgc,
+    H, N, R0, R1, NSEL, qk_scale2, scale, g_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per block of selected columns: dk_sel,c = scale Σ_i T_ic q_i over the captured rows."""
+    pid_c = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kc, valid = _load_sel_keys(K, b * skb + h * skh, skn, skd, COLS, b * scb, scc, offs_c, offs_d, NSEL)
+    acc = tl.zeros([BLOCK_C, HEAD_DIM], tl.float32)
+    q_base = b * sqb + h * sqh
+    for start_m in range(R0, R1, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        cap_rows = offs_m < R1
+        q = tl.load(Q + q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=cap_rows[:, None], other=0.0)
+        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N + offs_m, mask=cap_rows, other=0.0) * 1.4426950408889634
+        cap_idx = pid_bh.to(tl.int64) * (R1 - R0) + (offs_m - R0)
+        lsel2 = lse2
+        hsel = lse2
+        if MODE == 2:
+            lsel2 = tl.load(LSEL + cap_idx, mask=cap_rows, other=0.0)
+            hsel = tl.load(HSEL + cap_idx, mask=cap_rows, other=0.0)
+        g = tl.load(G + b * sgb + h * sgh + (offs_m - R0)[:, None] * sgr + offs_c[None, :] * sgc,
+                    mask=cap_rows[:, None] & (offs_c[None, :] < NSEL), other=0.0) * g_scale
+        t = _sel_grad(q, kc, valid, g, lse2, lsel2, hsel, qk_scale2, scale, MODE, PREC)
+        t = tl.where(cap_rows[:, None], t, 0.0)
+        acc += tl.dot(tl.trans(t).to(q.dtype), q, input_precision=PREC)
+    ptrs = DKSEL + pid_bh.to(tl.int64) * NSEL * HEAD_DIM + offs_c[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(ptrs, acc * scale, mask=(offs_c < NSEL)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher and autograd
+# ----------------------------------------------------------------------------------------------
+
+
+def _strides(t: torch.Tensor | None, n: int = 4) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * n
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_head_dim(head_dim: int) -> None:
+    if head_dim not in (16, 32, 64, 128, 256):
+        raise ValueError(
+            f"joint_attention (triton): head size {head_dim} is not supported; use one of 16, 32, 64, 128, "
+            "256, or backend='torch'"
+        )
+
+
+def _forward(q, k, v, cols, r0, r1, mode, head_reduce, scale, deterministic):
+    """Launch the forward kernel: returns out (q's layout and dtype), lse (B, H, N) float32, maps."""
+    b, h, n, d = q.shape
+    check_head_dim(d)
+    out = empty_output(q.shape, dtype=q.dtype, device=q.device)
+    if q.stride(3) == 1 and q.stride(1) == d and q.stride(2) == h * d and h > 1:  # diffusers' (B, N, H, D)
+        out = empty_output((b, n, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = empty_output((b, h, n), dtype=torch.float32, device=q.device)
+    capture = cols is not None
+    maps = None
+    reduce = REDUCE_STORE
+    n_sel = 0
+    if capture:
+        n_sel = cols.shape[1]
+        rows = r1 - r0
+        if head_reduce == "none" or (deterministic and head_reduce == "mean"):
+            maps = empty_output((b, h, rows, n_sel), dtype=torch.float32, device=q.device)
+        elif head_reduce == "mean":
+            maps, reduce = torch.zeros((b, rows, n_sel), dtype=torch.float32, device=q.device), REDUCE_SUM
+        else:
+            maps = torch.full((b, rows, n_sel), float("-inf"), dtype=torch.float32, device=q.device)
+            reduce = REDUCE_MAX
+    map_strides = (maps.stride(0), maps.stride(1) if reduce == REDUCE_STORE else 0, *maps.stride()[-2:]) if capture else (0,) * 4
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]), b * h)
+
+    _attn_fwd[grid](
+        q, k, v, out, lse, cols if capture else lse, maps if capture else lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *(_strides(cols, 2) if capture else (0, 0)), *map_strides,
+        h, n, r0, r1, n_sel, scale * LOG2E, scale, 1.0 / h,
+        HEAD_DIM=d, BLOCK_C=_block_c(max(n_sel, 1)), CAPTURE=capture, MODE=MODE_IDS[mode], REDUCE=reduce,
+        PREC=_precision(q.dtype),
+    )
+    if capture and reduce == REDUCE_STORE and head_reduce == "mean":
+        maps = maps.sum(1).div_(h)  # deterministic: a fixed-order reduction of the per-head buffer
+    return out, lse, maps
+
+
+def _backward(q, k, v, out, lse, dout, cols, r0, r1, mode, head_reduce, scale, dmaps):
+    b, h, n, d = q.shape
+    prec = _precision(q.dtype)
+    cap_grad = dmaps is not None
+    if dout is None:
+        dout = torch.zeros_like(out)
+    bm_pre = 16 if _interpreting() else 64
+    delta = empty_output((b, h, n), dtype=torch.float32, device=q.device)
+    n_sel = cols.shape[1] if cap_grad else 0
+    block_c = _block_c(max(n_sel, 1))
+    if cap_grad:
+        g = dmaps.float()
+        g_strides = (g.stride(0), 0, *g.stride()[-2:]) if head_reduce == "mean" else tuple(g.stride())
+        g_scale = 1.0 / h if head_reduce == "mean" else 1.0
+        lsel = torch.zeros((b, h, r1 - r0), dtype=torch.float32, device=q.device)
+        hsel = torch.zeros_like(lsel)
+        cols_arg, c_strides = cols, tuple(cols.stride())
+    else:
+        g, g_strides, g_scale, lsel, hsel, cols_arg, c_strides = lse, (0,) * 4, 0.0, lse, lse, lse, (0, 0)
+    common_sel = (h, n, r0, r1, n_sel, scale * LOG2E, scale, g_scale)
+    _bwd_preprocess[(triton.cdiv(n, bm_pre), b * h)](
+        q, k, out, dout, lse, cols_arg, g, delta, lsel, hsel,
+        *q.stride(), *k.stride(), *out.stride(), *dout.stride(), *c_strides, *g_strides,
+        *common_sel, HEAD_DIM=d, BLOCK_M=bm_pre, BLOCK_C=block_c, CAP_GRAD=cap_grad,
+        MODE=MODE_IDS[mode], PREC=prec,
+    )
+    dq = empty_output(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty_output(k.shape, dtype=torch.float32 if cap_grad else k.dtype, device=q.device)
+    dv = empty_output(v.shape, dtype=v.dtype, device=q.device)
+    _bwd_dkdv[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)](
+        q, k, v, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+        h, n, scale * LOG2E, scale, HEAD_DIM=d, PREC=prec,
+    )
+    _bwd_dq[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), b * h)](
+        q, k, v, dout, lse, delta, dq, cols_arg, g, lsel, hsel,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *c_strides, *g_strides,
+        *common_sel, HEAD_DIM=d, BLOCK_C=block_c, CAP_GRAD=cap_grad, MODE=MODE_IDS[mode], PREC=prec,
+    )
+    if cap_grad:
+        dk_sel = empty_output((b, h, n_sel, d), dtype=torch.float32, device=q.device)
+        bm_sel = 16 if _interpreting() else 64
+        _bwd_dk_sel[(triton.cdiv(n_sel, block_c), b * h)](
+            q, k, lse, cols, g, lsel, hsel, dk_sel,
+            *q.stride(), *k.stride(), *c_strides, *g_strides,
+            *common_sel, HEAD_DIM=d, BLOCK_M=bm_sel, BLOCK_C=block_c, MODE=MODE_IDS[mode], PREC=prec,
+        )
+        idx = cols.clamp(min=0)[:, None, :, None].expand(b, h, n_sel, d)
+        dk = dk.scatter_add_(2, idx, dk_sel).to(k.dtype)  # padded columns carry T = 0
+    return dq, dk, dv
+
+
+class JointAttentionFunction(torch.autograd.Function):
+    """(out, maps, lse) = fused joint attention; backward recomputes P from lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cols, r0, r1, mode, head_reduce, scale, deterministic):
+        out, lse, maps = _forward(q, k, v, cols, r0, r1, mode, head_reduce, scale, deterministic)
+        ctx.save_for_backward(q, k, v, out, lse, cols)
+        ctx.meta = (r0, r1, mode, head_reduce, scale)
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse)
+        return out, maps, lse
+
+    @staticmethod
+    def backward(ctx, dout, dmaps, _dlse):
+        q, k, v, out, lse, cols = ctx.saved_tensors
+        r0, r1, mode, head_reduce, scale = ctx.meta
+        if dmaps is not None and head_reduce == "max":
+            raise RuntimeError(
+                "joint_attention: head_reduce='max' has no gradient; train through head_reduce='mean' or 'none'"
+            )
+        if dout is None and dmaps is None:
+            return (None,) * 10
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, cols, r0, r1, mode, head_reduce, scale, dmaps)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def triton_joint_attention(q, k, v, spec, scale: float, deterministic: bool = False):
+    """Launcher used by ``seg4diff_fast.joint_attention`` (backend "triton"); spec may be None."""
+    if spec is None:
+        out, _, _ = JointAttentionFunction.apply(q, k, v, None, 0, 1, "probs", "mean", scale, deterministic)
+        return out, None
+    out, maps, _ = JointAttentionFunction.apply(
+        q, k, v, spec.cols, spec.r0, spec.r1, spec.mode, spec.head_reduce, scale, deterministic
+    )
+    return out, maps
+
+
+__all__ = ["JointAttentionFunction", "triton_joint_attention", "check_head_dim"]
