@@ -46,7 +46,7 @@ def _interpreting() -> bool:
 
 def _configs(kind: str) -> list[triton.Config]:
     if _interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -75,6 +75,14 @@ def _block_c(n_sel: int) -> int:
 
 
 @triton.jit
+def _mma(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation; PREC "upcast" works around the interpreter's broken bf16 dot."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
 def _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL):
     """k gathered at the selected columns of this block: (BLOCK_C, D), the column ids and validity."""
     cidx = tl.load(COLS + c_base + offs_c * scc, mask=offs_c < NSEL, other=-1)
@@ -95,7 +103,7 @@ def _sel_softmax_stats(q, K, k_base, skn, skd, COLS, c_base, scc, NSEL, qk_scale
     for c0 in range(0, NSEL, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         kc, valid = _load_sel_keys(K, k_base, skn, skd, COLS, c_base, scc, offs_c, offs_d, NSEL)
-        s2 = tl.dot(q, tl.trans(kc), input_precision=PREC) * qk_scale2
+        s2 = _mma(q, tl.trans(kc), PREC) * qk_scale2
         s2 = tl.where(valid[None, :], s2, float("-inf"))
         m_new = tl.maximum(m, tl.max(s2, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -108,7 +116,7 @@ def _sel_softmax_stats(q, K, k_base, skn, skd, COLS, c_base, scc, NSEL, qk_scale
 @triton.jit
 def _sel_map(q, kc, valid, lse2_row, lsel2_row, qk_scale2, scale, MODE: tl.constexpr, PREC: tl.constexpr):
     """The captured value M for one (rows × selected-columns) tile; padded columns give 0."""
-    qk = tl.dot(q, tl.trans(kc), input_precision=PREC)
+    qk = _mma(q, tl.trans(kc), PREC)
     if MODE == 0:
         val = tl.exp2(qk * qk_scale2 - lse2_row[:, None])
     elif MODE == 1:
@@ -153,13 +161,13 @@ def _attn_fwd(
         col_ok = offs_n < N
         k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        s2 = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2
+        s2 = _mma(q, tl.trans(k), PREC) * qk_scale2
         s2 = tl.where(col_ok[None, :], s2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         p = tl.exp2(s2 - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
     lse2 = m_i + tl.log2(l_i)
@@ -293,12 +301,12 @@ def _bwd_dkdv(
         lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         # transposed tile (keys × rows): Pᵀ = exp2(k qᵀ·scale₂ − lse₂)
-        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale2 - lse2[None, :])
+        pt = tl.exp2(_mma(k, tl.trans(q), PREC) * qk_scale2 - lse2[None, :])
         pt = tl.where(row_ok[None, :] & col_ok[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dv += _mma(pt.to(do.dtype), do, PREC)
+        dpt = _mma(v, tl.trans(do), PREC)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        dk += _mma(dst.to(q.dtype), q, PREC)
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :] * s_dvd,
@@ -336,11 +344,11 @@ def _bwd_dq(
         col_ok = offs_n < N
         k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale2 - lse2[:, None])
+        p = tl.exp2(_mma(q, tl.trans(k), PREC) * qk_scale2 - lse2[:, None])
         p = tl.where(col_ok[None, :] & row_ok[:, None], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dp = _mma(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dq += _mma(ds.to(k.dtype), k, PREC)
     if CAP_GRAD:
         row_lo = pid_m * BLOCK_M
         if (row_lo < R1) & (row_lo + BLOCK_M > R0):
@@ -358,7 +366,7 @@ def _bwd_dq(
                 g = tl.load(G + b * sgb + h * sgh + (offs_m - R0)[:, None] * sgr + offs_c[None, :] * sgc,
                             mask=cap_rows[:, None] & (offs_c[None, :] < NSEL), other=0.0) * g_scale
                 t = _sel_grad(q, kc, valid, g, lse2, lsel2, hsel, qk_scale2, scale, MODE, PREC)
-                dq += tl.dot(t.to(kc.dtype), kc, input_precision=PREC)
+                dq += _mma(t.to(kc.dtype), kc, PREC)
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
@@ -396,7 +404,7 @@ def _bwd_dk_sel(
                     mask=cap_rows[:, None] & (offs_c[None, :] < NSEL), other=0.0) * g_scale
         t = _sel_grad(q, kc, valid, g, lse2, lsel2, hsel, qk_scale2, scale, MODE, PREC)
         t = tl.where(cap_rows[:, None], t, 0.0)
-        acc += tl.dot(tl.trans(t).to(q.dtype), q, input_precision=PREC)
+        acc += _mma(tl.trans(t).to(q.dtype), q, PREC)
     ptrs = DKSEL + pid_bh.to(tl.int64) * NSEL * HEAD_DIM + offs_c[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(ptrs, acc * scale, mask=(offs_c < NSEL)[:, None])
 
@@ -411,6 +419,8 @@ def _strides(t: torch.Tensor | None, n: int = 4) -> tuple[int, ...]:
 
 
 def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.bfloat16 and _interpreting():
+        return "upcast"  # triton's CPU interpreter mis-multiplies bfloat16 tiles
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

@@ -1,0 +1,37 @@
+"""Test set-up: without a CUDA device, Triton kernels run on CPU tensors in Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton.jit decorates the kernels, i.e. before any test module
+imports seg4diff_fast.kernels; conftest.py is imported first.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Make every output buffer the op allocates start as NaN, so an element never written fails."""
+
+    def nan_empty(*shape, dtype=None, device=None, **kw):
+        size = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        t = torch.empty(size, dtype=dtype, device=device, **kw)
+        return t.fill_(float("nan"))
+
+    import seg4diff_fast.kernels.joint_attention as kernel_mod
+    import seg4diff_fast.ops.torch_attention as torch_mod
+
+    monkeypatch.setattr(kernel_mod, "empty_output", nan_empty)
+    monkeypatch.setattr(torch_mod, "empty_output", nan_empty)
+    return nan_empty

@@ -1,0 +1,294 @@
+"""joint_attention against a float64 reference written from the definition, for every backend.
+
+On a machine without CUDA the Triton backend runs in Triton's interpreter on CPU tensors at small
+shapes; with CUDA the same tests run natively and the full SD3/Flux shapes are added.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+from seg4diff_fast import joint_attention
+from seg4diff_fast.ops.joint_attention import resolve_backend
+
+BACKENDS = ["triton", "torch", "reference"]
+MODES = ["probs", "logits", "sel_probs"]
+REDUCES = ["mean", "max", "none"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# max |error| / max |reference|, forward values and gradients
+FWD_TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+BWD_TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}
+
+# (text length, capture-column case). Image-token counts are ragged on purpose (no block divides them).
+COL_CASES = ["one", "clip77", "t154", "per_batch"]
+N_IMG = 45
+
+
+def text_len(case: str) -> int:
+    return {"one": 77, "clip77": 77, "t154": 154, "per_batch": 24}[case]
+
+
+def make_cols(case: str, batch: int, text0: int) -> torch.Tensor:
+    """Capture columns for a text block starting at joint index text0."""
+    if case == "one":
+        return torch.tensor([text0 + 3])
+    if case in ("clip77", "t154"):
+        return torch.arange(text0, text0 + text_len(case))
+    # per batch element, with -1 padding and a repeated column
+    cols = torch.full((batch, 12), -1, dtype=torch.long)
+    for b in range(batch):
+        n = 12 - 3 * b if b < 3 else 5
+        cols[b, :n] = text0 + torch.randperm(text_len(case))[:n]
+    cols[0, 1] = cols[0, 0]
+    return cols
+
+
+def attention_ref(q, k, v, cols, rows, mode, head_reduce, scale):
+    """The definition, in float64: per batch element and head, slices of the full softmax."""
+    q, k, v = (t.detach().double().requires_grad_(t.requires_grad) for t in (q, k, v))
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    p = torch.softmax(s, dim=-1)
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    if cols is None:
+        return (q, k, v), out, None
+    r0, r1 = rows
+    per_batch = []
+    for b in range(q.shape[0]):
+        c = cols[b] if cols.dim() == 2 else cols
+        valid = c >= 0
+        cc = c.clamp(min=0)
+        sb = s[b, :, r0:r1][:, :, cc]
+        if mode == "probs":
+            m = p[b, :, r0:r1][:, :, cc]
+        elif mode == "logits":
+            m = sb
+        else:
+            m = torch.softmax(sb.masked_fill(~valid, -math.inf), dim=-1)
+        per_batch.append(torch.where(valid, m, torch.zeros_like(m)))
+    maps = torch.stack(per_batch)
+    if head_reduce == "mean":
+        maps = maps.mean(1)
+    elif head_reduce == "max":
+        maps = maps.amax(1)
+    return (q, k, v), out, maps
+
+
+def make_inputs(batch, heads, n, d, dtype, layout, device):
+    def one():
+        shape = (batch, heads, n, d) if layout == "bhnd" else (batch, n, heads, d)
+        t = torch.randn(shape, device=device, dtype=torch.float32) * 1.5
+        t = t.to(dtype)
+        return (t if layout == "bhnd" else t.transpose(1, 2)).requires_grad_()
+
+    return one(), one(), one()
+
+
+def rel_err(actual: torch.Tensor, ref: torch.Tensor) -> float:
+    assert actual.shape == ref.shape, (actual.shape, ref.shape)
+    assert torch.isfinite(actual).all(), "non-finite values (an element was left unwritten?)"
+    return ((actual.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def layout_case(order: str, case: str, batch: int):
+    """Token order: SD3 is [image; text] (capture rows first), Flux is [text; image]."""
+    n_txt = text_len(case)
+    n = N_IMG + n_txt
+    if order == "image_first":
+        rows, text0 = (0, N_IMG), N_IMG
+    else:
+        rows, text0 = (n_txt, n), 0
+    return n, rows, make_cols(case, batch, text0)
+
+
+SECONDARY = list(itertools.product([64, 128], ["bhnd", "bnhd"], ["image_first", "text_first"], COL_CASES))
+PRIMARY = list(itertools.product(MODES, REDUCES, DTYPES))
+# every (mode, reduce, dtype) runs; the secondary axes are spread over them (7 is coprime to 32)
+CASES = [(*p, *SECONDARY[(i * 7) % len(SECONDARY)]) for i, p in enumerate(PRIMARY)]
+
+
+def _skip_unavailable(backend: str, device: torch.device) -> None:
+    if backend == "reference" and device.type == "cuda":
+        return
+    if backend == "triton":
+        pytest.importorskip("triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode,head_reduce,dtype,d,layout,order,case", CASES)
+def test_forward_and_backward(backend, mode, head_reduce, dtype, d, layout, order, case, device, poison_outputs):
+    _skip_unavailable(backend, device)
+    batch, heads = 2, 3
+    n, rows, cols = layout_case(order, case, batch)
+    q, k, v = make_inputs(batch, heads, n, d, dtype, layout, device)
+    cols = cols.to(device)
+    scale = d**-0.5
+    out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode,
+                                head_reduce=head_reduce, backend=backend)
+    leaves, out_ref, maps_ref = attention_ref(q, k, v, cols, rows, mode, head_reduce, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert maps.dtype == torch.float32 and maps.shape == maps_ref.shape
+    assert rel_err(out, out_ref) <= FWD_TOL[dtype]
+    assert rel_err(maps, maps_ref) <= FWD_TOL[dtype]
+    pad = (cols if cols.dim() == 2 else cols[None]) < 0
+    if pad.any():  # padded columns come back as exactly 0
+        pad_idx = pad[:, None, :] if head_reduce != "none" else pad[:, None, None, :]
+        assert (maps.masked_select(pad_idx.expand_as(maps)) == 0).all()
+
+    w_out = torch.randn(out.shape, device=device, dtype=torch.float64)
+    w_map = torch.randn(maps.shape, device=device, dtype=torch.float64)
+    loss = (out.double() * w_out).sum() + (maps.double() * w_map).sum()
+    if head_reduce == "max" and backend != "reference":
+        with pytest.raises(RuntimeError, match="head_reduce='max' has no gradient"):
+            torch.autograd.grad(loss, (q, k, v))
+        return
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = (out_ref * w_out).sum() + (maps_ref * w_map).sum()
+    grads_ref = torch.autograd.grad(loss_ref, leaves)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert g.dtype == dtype
+        assert rel_err(g, g_ref) <= BWD_TOL[dtype], f"d{name}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_no_capture(backend, dtype, d, device, poison_outputs):
+    _skip_unavailable(backend, device)
+    q, k, v = make_inputs(2, 2, 93, d, dtype, "bnhd", device)
+    out, maps = joint_attention(q, k, v, backend=backend)
+    assert maps is None
+    leaves, out_ref, _ = attention_ref(q, k, v, None, None, None, None, d**-0.5)
+    assert rel_err(out, out_ref) <= FWD_TOL[dtype]
+    w = torch.randn(out.shape, device=device, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((out_ref * w).sum(), leaves)
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) <= BWD_TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["probs", "logits"])
+def test_gradient_of_maps_alone(backend, mode, device):
+    """MAGNET's case: the loss reads only the captured map, out is unused."""
+    _skip_unavailable(backend, device)
+    n, rows, cols = layout_case("image_first", "clip77", 1)
+    q, k, v = make_inputs(1, 2, n, 64, torch.float32, "bnhd", device)
+    _, maps = joint_attention(q, k, v, capture_cols=cols.to(device), capture_rows=rows, mode=mode, backend=backend)
+    leaves, _, maps_ref = attention_ref(q, k, v, cols.to(device), rows, mode, "mean", 64**-0.5)
+    w = torch.randn(maps.shape, device=device, dtype=torch.float64)
+    grads = torch.autograd.grad((maps.double() * w).sum(), (q, k, v), allow_unused=True)
+    grads_ref = torch.autograd.grad((maps_ref * w).sum(), leaves, allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        if g_ref is None or g_ref.abs().max() == 0:  # dv: the map does not depend on v
+            assert g is None or g.abs().max() == 0
+        else:
+            assert rel_err(g, g_ref) <= BWD_TOL[torch.float32]
+
+
+def test_triton_deterministic_mode(device):
+    pytest.importorskip("triton")
+    n, rows, cols = layout_case("image_first", "clip77", 2)
+    q, k, v = make_inputs(2, 4, n, 64, torch.float16, "bhnd", device)
+    cols = cols.to(device)
+    runs = [
+        joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, backend="triton", deterministic=True)[1]
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    _, _, ref = attention_ref(q, k, v, cols, rows, "probs", "mean", 64**-0.5)
+    assert rel_err(runs[0], ref) <= FWD_TOL[torch.float16]
+    atomic = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, backend="triton")[1]
+    assert rel_err(atomic, runs[0].double()) <= 1e-5
+
+
+FULL_SHAPES = [  # (name, B, H, n_img, n_txt, D, order, n_sel)
+    ("sd3_1024", 1, 24, 4096, 154, 64, "image_first", 154),
+    ("sd3_1024_t5", 2, 24, 4096, 333, 64, "image_first", 77),
+    ("flux_1024", 1, 24, 4096, 512, 128, "text_first", 512),
+]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="full SD3/Flux shapes run natively on CUDA only")
+@pytest.mark.parametrize("name,batch,heads,n_img,n_txt,d,order,n_sel", FULL_SHAPES)
+@pytest.mark.parametrize("mode", ["probs", "logits"])
+def test_full_shapes_cuda(name, batch, heads, n_img, n_txt, d, order, n_sel, mode, poison_outputs):
+    device = torch.device("cuda")
+    n = n_img + n_txt
+    rows, text0 = ((0, n_img), n_img) if order == "image_first" else ((n_txt, n), 0)
+    cols = torch.arange(text0, text0 + n_sel, device=device)
+    q, k, v = make_inputs(batch, heads, n, d, torch.bfloat16, "bnhd", device)
+    out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode, backend="triton")
+    leaves, out_ref, maps_ref = attention_ref(q, k, v, cols, rows, mode, "mean", d**-0.5)
+    assert rel_err(out, out_ref) <= FWD_TOL[torch.bfloat16]
+    assert rel_err(maps, maps_ref) <= FWD_TOL[torch.bfloat16]
+    w_out = torch.randn(out.shape, device=device, dtype=torch.float64)
+    w_map = torch.randn(maps.shape, device=device, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w_out).sum() + (maps.double() * w_map).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (maps_ref * w_map).sum(), leaves)
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) <= BWD_TOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and backend selection
+# ---------------------------------------------------------------------------------------------
+
+
+def _qkv(n=20, d=16, dtype=torch.float32):
+    return [torch.randn(1, 2, n, d, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"capture_cols": torch.tensor([25])}, ValueError, r"\[0, N=20\)"),
+        ({"capture_cols": torch.tensor([-2])}, ValueError, "-1 as padding"),
+        ({"capture_cols": torch.tensor([1.0])}, TypeError, "integer tensor"),
+        ({"capture_cols": torch.zeros(3, 2, dtype=torch.long)}, ValueError, r"\(B=1, n_sel\)"),
+        ({"capture_cols": torch.zeros(513, dtype=torch.long)}, ValueError, "between 1 and 512"),
+        ({"capture_cols": torch.tensor([1]), "capture_rows": (5, 5)}, ValueError, "non-empty half-open"),
+        ({"capture_cols": torch.tensor([1]), "capture_rows": (0, 21)}, ValueError, "inside"),
+        ({"mode": "softmax"}, ValueError, "mode="),
+        ({"head_reduce": "sum"}, ValueError, "head_reduce="),
+        ({"backend": "cuda"}, ValueError, "backend="),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        joint_attention(*_qkv(), **kwargs)
+
+
+def test_bad_tensors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"4-D \(B, H, N, D\)"):
+        joint_attention(q[0], k[0], v[0])
+    with pytest.raises(TypeError, match="dtypes differ"):
+        joint_attention(q, k.half(), v)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        joint_attention(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="share"):
+        joint_attention(q, k[:, :, :10], v)
+
+
+def test_triton_head_size_error():
+    pytest.importorskip("triton")
+    q, k, v = _qkv(d=48)
+    with pytest.raises(ValueError, match="head size 48"):
+        joint_attention(q, k, v, backend="triton")
+
+
+def test_backend_selection(monkeypatch):
+    monkeypatch.delenv("SEG4DIFF_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert resolve_backend(None, cpu) == "torch"
+    monkeypatch.setenv("SEG4DIFF_BACKEND", "reference")
+    assert resolve_backend(None, cpu) == "reference"
+    assert resolve_backend("torch", cpu) == "torch"  # the argument wins over the environment
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
+        resolve_backend("triton", cpu)
