@@ -131,6 +131,31 @@ def _sel_map(q, kc, valid, lse2_row, lsel2_row, qk_scale2, scale, MODE: tl.const
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _fwd_step(q, K, V, k_base, v_base, skn, skd, svn, svd, start_n, N, qk_scale2, m_i, l_i, acc,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PREC: tl.constexpr):
+    """One key block of the online softmax: rescale the running (max, sum, acc) and add the block."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd
+    v_ptrs = V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd
+    if MASK:
+        col_ok = offs_n < N
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        s2 = tl.where(col_ok[None, :], _mma(q, tl.trans(k), PREC) * qk_scale2, float("-inf"))
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+        s2 = _mma(q, tl.trans(k), PREC) * qk_scale2
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    p = tl.exp2(s2 - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM", "CAPTURE", "MODE", "REDUCE"], restore_value=["MAPS"])
 @triton.jit
 def _attn_fwd(
@@ -156,19 +181,13 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < N
-        k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
-        s2 = _mma(q, tl.trans(k), PREC) * qk_scale2
-        s2 = tl.where(col_ok[None, :], s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        p = tl.exp2(s2 - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PREC)
-        m_i = m_new
+    n_full = (N // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no masks
+        m_i, l_i, acc = _fwd_step(q, K, V, k_base, v_base, skn, skd, svn, svd, start_n, N, qk_scale2,
+                                  m_i, l_i, acc, BLOCK_N, HEAD_DIM, False, PREC)
+    if n_full < N:  # the ragged tail
+        m_i, l_i, acc = _fwd_step(q, K, V, k_base, v_base, skn, skd, svn, svd, n_full, N, qk_scale2,
+                                  m_i, l_i, acc, BLOCK_N, HEAD_DIM, True, PREC)
     acc = acc / l_i[:, None]
     lse2 = m_i + tl.log2(l_i)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -301,8 +320,8 @@ def _bwd_dkdv(
         lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
         # transposed tile (keys × rows): Pᵀ = exp2(k qᵀ·scale₂ − lse₂)
+        # rows past N read lse = +inf, so their P is 0; columns past N are never stored
         pt = tl.exp2(_mma(k, tl.trans(q), PREC) * qk_scale2 - lse2[None, :])
-        pt = tl.where(row_ok[None, :] & col_ok[:, None], pt, 0.0)
         dv += _mma(pt.to(do.dtype), do, PREC)
         dpt = _mma(v, tl.trans(do), PREC)
         dst = pt * (dpt - delta[None, :])
@@ -344,8 +363,8 @@ def _bwd_dq(
         col_ok = offs_n < N
         k = tl.load(K + k_base + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0)
         v = tl.load(V + v_base + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0)
+        # columns past N load k = v = 0, so they add dS·k = 0 to dq; rows past N are never stored
         p = tl.exp2(_mma(q, tl.trans(k), PREC) * qk_scale2 - lse2[:, None])
-        p = tl.where(col_ok[None, :] & row_ok[:, None], p, 0.0)
         dp = _mma(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dq += _mma(ds.to(k.dtype), k, PREC)
