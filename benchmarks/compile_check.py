@@ -19,6 +19,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 import seg4diff_fast.kernels.joint_attention as kj  # noqa: E402
+import seg4diff_fast.kernels.upsample_argmax as ku  # noqa: E402
 
 
 def _signature(fn, pointer_dtypes: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -28,7 +29,7 @@ def _signature(fn, pointer_dtypes: dict[str, str], constexprs: dict[str, object]
             sig[name] = "constexpr"
         elif name in pointer_dtypes:
             sig[name] = pointer_dtypes[name]
-        elif name in ("qk_scale2", "scale", "map_scale", "g_scale"):
+        elif name in ("qk_scale2", "scale", "map_scale", "g_scale", "scale_h", "scale_w"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -75,6 +76,13 @@ def main() -> int:
             except Exception as exc:  # report every failure, keep going
                 failures += 1
                 print(f"FAIL {name} {dt} D={d} mode={mode} reduce={reduce}: {type(exc).__name__}: {exc}"[:2000])
+    ptr = {"S": "*fp32", "LABELS": "*i64", "TOP": "*fp32", "TOTAL": "*fp32"}
+    try:
+        compile_one(ku._upsample_argmax_kernel, ptr, dict(BLOCK_P=256, BLOCK_K=16), target)
+        print("ok   _upsample_argmax_kernel")
+    except Exception as exc:
+        failures += 1
+        print(f"FAIL _upsample_argmax_kernel: {type(exc).__name__}: {exc}"[:2000])
     print(f"{failures} failures")
     return 1 if failures else 0
 

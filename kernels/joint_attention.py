@@ -241,7 +241,8 @@ def _bwd_preprocess(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < N
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=row_ok[:, None], other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     if CAP_GRAD:
         row_lo = pid_m * BLOCK_M
@@ -354,7 +355,8 @@ def _bwd_dq(
     v_base = b * svb + h * svh
     row_base = pid_bh.to(tl.int64) * N
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                 mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + row_base + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -473,7 +475,9 @@ def _forward(q, k, v, cols, r0, r1, mode, head_reduce, scale, deterministic):
         else:
             maps = torch.full((b, rows, n_sel), float("-inf"), dtype=torch.float32, device=q.device)
             reduce = REDUCE_MAX
-    map_strides = (maps.stride(0), maps.stride(1) if reduce == REDUCE_STORE else 0, *maps.stride()[-2:]) if capture else (0,) * 4
+    map_strides = (0,) * 4
+    if capture:  # reduced maps: the head stride is 0, every head adds into the same (B, R, n_sel) map
+        map_strides = (maps.stride(0), maps.stride(1) if reduce == REDUCE_STORE else 0, *maps.stride()[-2:])
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), b * h)

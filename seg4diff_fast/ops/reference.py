@@ -20,21 +20,29 @@ def reduce_heads(maps: torch.Tensor, head_reduce: str) -> torch.Tensor:
     return maps
 
 
-def head_maps(scores: torch.Tensor, lse: torch.Tensor, spec: CaptureSpec) -> torch.Tensor:
+def head_maps(scores: torch.Tensor, lse: torch.Tensor, spec: CaptureSpec, inplace: bool = False) -> torch.Tensor:
     """Per-head maps from scores at the selected columns.
 
-    scores: (B, h, R, n_sel) scaled scores s_ic at the captured rows and selected columns;
-    lse: (B, h, R) logsumexp of those rows over all N keys. Returns (B, h, R, n_sel) maps in the
-    scores' dtype, padded columns set to 0.
+    scores: (B, [h,] R, n_sel) scaled scores s_ic at the captured rows and selected columns;
+    lse: (B, [h,] R) logsumexp of those rows over all N keys. Returns maps of the scores' shape and
+    dtype, padded columns set to 0; ``inplace`` overwrites ``scores`` where it can.
     """
-    pad = (spec.cols < 0)[:, None, None, :]
+    pad = (spec.cols < 0).view(spec.cols.shape[0], *([1] * (scores.dim() - 2)), spec.n_sel)
+    if not inplace:  # out-of-place, so that autograd can differentiate through it
+        if spec.mode == "probs":
+            maps = torch.exp(scores - lse.unsqueeze(-1))
+        elif spec.mode == "logits":
+            maps = scores
+        else:  # softmax over the selected (non-padded) columns only
+            maps = torch.softmax(scores.masked_fill(pad, float("-inf")), dim=-1)
+        return maps.masked_fill(pad, 0.0)
     if spec.mode == "probs":
-        maps = torch.exp(scores - lse.unsqueeze(-1))
+        maps = scores.sub_(lse.unsqueeze(-1)).exp_()
     elif spec.mode == "logits":
         maps = scores
-    else:  # softmax over the selected (non-padded) columns only
-        maps = torch.softmax(scores.masked_fill(pad, float("-inf")), dim=-1)
-    return maps.masked_fill(pad, 0.0)
+    else:
+        maps = torch.softmax(scores.masked_fill_(pad, float("-inf")), dim=-1)
+    return maps.masked_fill_(pad, 0.0)
 
 
 def gather_cols(x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The "torch" backend: torch's own fused SDPA (which returns its logsumexp) plus a recompute of the
 selected columns, and a row-chunked backward. Nothing of size N² is ever allocated: the forward's extra
-memory is one (B, heads-chunk, R, n_sel) score block; the backward's is a few (B, H, rows-chunk, N)
-blocks bounded by ``CHUNK_BYTES``.
+memory is one (B, R, n_sel) score block; the backward's is a few (B, H, rows-chunk, N) blocks of about
+q's size (``_rows_per_chunk``).
 
 Math (per head, s = q kᵀ·scale, P = softmax(s), lse = log Σ_j exp s_ij):
   probs map    M_ic = exp(s_i,c − lse_i)           logits map  M_ic = s_i,c
@@ -16,16 +16,20 @@ from __future__ import annotations
 import torch
 
 from .joint_attention import CaptureSpec
-from .reference import gather_cols, head_maps, reduce_heads
+from .reference import gather_cols, head_maps
 
-CHUNK_BYTES = 32 << 20  # one float32 working block of the chunked paths
+MIN_CHUNK_BYTES = 1 << 20  # the chunked paths' float32 working blocks are about the size of q, at least this
+
 
 # Output allocator (tests replace it with a NaN-filling one so unwritten elements show up).
 empty_output = torch.empty
 
 
-def _rows_per_chunk(per_row_bytes: int, total: int) -> int:
-    return max(1, min(total, CHUNK_BYTES // max(per_row_bytes, 1)))
+def _rows_per_chunk(q: torch.Tensor, total: int) -> int:
+    """Query rows per block so that one (B, H, rows, N) float32 block is about the size of q."""
+    b, h, n, _ = q.shape
+    budget = max(q.numel() * q.element_size(), MIN_CHUNK_BYTES)
+    return max(1, min(total, budget // (b * h * n * 4)))
 
 
 def chunked_sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +38,7 @@ def chunked_sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Te
     out = empty_output(q.shape[:3] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = empty_output((b, h, n), dtype=torch.float32, device=q.device)
     kf, vf = k.float(), v.float()
-    step = _rows_per_chunk(b * h * n * 4, n)
+    step = _rows_per_chunk(q, n)
     for a in range(0, n, step):
         s = torch.matmul(q[:, :, a : a + step].float(), kf.transpose(-1, -2)).mul_(scale)
         lse[:, :, a : a + step] = torch.logsumexp(s, dim=-1)
@@ -56,7 +60,9 @@ def sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
             if q.dtype in (torch.float16, torch.bfloat16):
                 res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
             else:
-                res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+                res = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    q, k, v, None, True, 0.0, False, scale=scale
+                )
             return res[0], res[1][..., :n].float()
         except RuntimeError:  # unsupported head size / arch: fall through to the exact chunked path
             pass
@@ -64,24 +70,25 @@ def sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def capture_maps(q, k, lse, spec: CaptureSpec, scale: float) -> torch.Tensor:
-    """Maps for rows [r0, r1) and the selected columns from the stored logsumexp, heads in chunks."""
+    """Maps for rows [r0, r1) and the selected columns from the stored logsumexp, one head at a time.
+
+    Working memory is one (B, R, n_sel) float32 score block, turned into the map in place.
+    """
     b, h, _, _ = q.shape
     kc = gather_cols(k, spec.cols)  # (B, H, n_sel, D): tiny
     rows = slice(spec.r0, spec.r1)
-    step = _rows_per_chunk(b * spec.n_rows * spec.n_sel * 4, h)  # heads per chunk
     out = empty_output(spec.maps_shape(b, h), dtype=torch.float32, device=q.device)
-    for h0 in range(0, h, step):
-        hs = slice(h0, h0 + step)
-        s = torch.matmul(q[:, hs, rows].float(), kc[:, hs].float().transpose(-1, -2)).mul_(scale)
-        m = head_maps(s, lse[:, hs, rows], spec)
+    for i in range(h):
+        s = torch.matmul(q[:, i, rows].float(), kc[:, i].float().transpose(-1, -2)).mul_(scale)
+        m = head_maps(s, lse[:, i, rows], spec, inplace=True)
         if spec.head_reduce == "none":
-            out[:, hs] = m
-        elif h0 == 0:
-            out.copy_(m.sum(1) if spec.head_reduce == "mean" else m.amax(1))
+            out[:, i] = m
+        elif i == 0:
+            out.copy_(m)
         elif spec.head_reduce == "mean":
-            out.add_(m.sum(1))
+            out.add_(m)
         else:
-            torch.maximum(out, m.amax(1), out=out)
+            torch.maximum(out, m, out=out)
     if spec.head_reduce == "mean":
         out.div_(h)
     return out
@@ -113,7 +120,7 @@ def chunked_backward(q, k, v, out, lse, dout, dmaps, spec: CaptureSpec | None, s
         g_all = g.unsqueeze(1).expand(b, h, -1, -1) / h if spec.head_reduce == "mean" else g
         kc = gather_cols(kf, spec.cols)
         idx_cols = spec.cols.clamp(min=0)[:, None, None, :]
-    step = _rows_per_chunk(b * h * n * 4, n)
+    step = _rows_per_chunk(q, n)
     for a in range(0, n, step):
         e = min(a + step, n)
         qa = q[:, :, a:e].float()

@@ -7,8 +7,11 @@ allocates K×H×W floats: 150 classes at 1024² is 600 MiB. :func:`upsample_argm
 
 - CPU: the C++ kernel ``seg4diff_fast._C.upsample_argmax`` (``csrc/upsample_argmax.cpp``) when it was
   built; it runs over output rows in parallel with the GIL released;
-- otherwise (no ``_C``, or CUDA tensors for now): a torch fallback that does the same arithmetic on
-  bands of output rows, each at most about ``CHUNK_BYTES`` of (K, rows, W) float32.
+- CUDA: the Triton kernel ``seg4diff_fast.kernels.upsample_argmax`` (also runs in Triton's CPU
+  interpreter, for tests);
+- otherwise (no ``_C``, no triton): a torch fallback that does the same arithmetic on
+  bands of output rows, each at most about ``CHUNK_BYTES`` of (rows, W, K) float32 (a few such buffers
+  live at once: about 50 MiB peak for K=150 at 1024², against 600 MiB for the naive way).
 
 Both reproduce ``F.interpolate(scores[None], size, mode="bilinear", align_corners=False)[0]`` (the
 same float32 source indices and weights as PyTorch's CPU kernel) up to float rounding.
@@ -18,9 +21,11 @@ from __future__ import annotations
 
 import torch
 
+from .joint_attention import resolve_backend, triton_available
+
 __all__ = ["upsample_argmax", "has_cpp_extension", "CHUNK_BYTES"]
 
-CHUNK_BYTES = 32 << 20  # bound on one (K, rows, W) float32 band of the torch fallback
+CHUNK_BYTES = 16 << 20  # bound on one (rows, W, K) float32 band of the torch fallback
 
 try:
     from .. import _C  # type: ignore[attr-defined]
@@ -50,8 +55,9 @@ def upsample_argmax(
             Computation is in float32 (other float dtypes are converted).
         size: output (H, W), both positive; smaller than (h, w) works too (plain bilinear sampling,
             no antialiasing, like ``F.interpolate``).
-        backend: None (C++ on CPU when built, else torch), ``"cpp"`` (CPU only, fails if ``_C`` was not
-            built) or ``"torch"`` (the row-banded fallback, any device).
+        backend: None (C++ on CPU when built, Triton on CUDA, else torch), ``"cpp"`` (CPU only, fails
+            if ``_C`` was not built), ``"triton"`` (CUDA, or CPU under ``TRITON_INTERPRET=1``) or
+            ``"torch"`` (the row-banded fallback, any device).
 
     Returns:
         ``(labels, top, total)`` on ``scores``' device: ``labels`` int64 (H, W), the class index of the
@@ -71,8 +77,8 @@ def upsample_argmax(
         (torch.Size([8, 8]), torch.float32, 1.0)
     """
     out_h, out_w = _check(scores, size)
-    if backend not in (None, "cpp", "torch"):
-        raise ValueError(f"upsample_argmax: backend={backend!r} is not one of None, 'cpp', 'torch'")
+    if backend not in (None, "cpp", "triton", "torch"):
+        raise ValueError(f"upsample_argmax: backend={backend!r} is not one of None, 'cpp', 'triton', 'torch'")
     x = scores if scores.dtype == torch.float32 else scores.float()
     on_cpu = x.device.type == "cpu"
     if backend == "cpp":
@@ -85,6 +91,11 @@ def upsample_argmax(
             raise ValueError(f"upsample_argmax: backend='cpp' runs on CPU tensors, got {x.device.type}")
     if backend == "cpp" or (backend is None and on_cpu and _C is not None):
         return _C.upsample_argmax(x.contiguous(), out_h, out_w)
+    if backend == "triton" or (backend is None and x.device.type == "cuda" and triton_available()):
+        resolve_backend("triton", x.device)  # raises with the reason if Triton cannot run here
+        from ..kernels.upsample_argmax import triton_upsample_argmax
+
+        return triton_upsample_argmax(x, (out_h, out_w))
     return _torch_upsample_argmax(x, out_h, out_w)
 
 
@@ -132,17 +143,24 @@ def _torch_upsample_argmax(x: torch.Tensor, out_h: int, out_w: int):
     top = torch.empty(out_h, out_w, dtype=torch.float32, device=dev)
     total = torch.empty(out_h, out_w, dtype=torch.float32, device=dev)
     step = max(1, min(out_h, CHUNK_BYTES // max(1, 4 * k * out_w)))
+    # Classes last, so that the per-pixel reductions run over the innermost, contiguous dimension
+    # (several times faster on the CPU than reducing over the outer one).
+    xt = x.permute(1, 2, 0).contiguous()  # (h, w, K): the input's size
+    w0, w1 = w0[:, None], w1[:, None]
     for a in range(0, out_h, step):
         b = min(out_h, a + step)
         # Horizontal pass over the source rows this band reads ([s0, s1], contiguous), then vertical.
         s0, s1 = int(ih0[a]), int(ih1[b - 1])
-        src = x[:, s0 : s1 + 1]
-        hx = src[:, :, iw0] * w0
-        hx += src[:, :, iw1] * w1  # (K, s1 - s0 + 1, W)
-        band = hx[:, ih0[a:b] - s0] * h0[a:b, None]  # (K, rows, W)
-        band += hx[:, ih1[a:b] - s0] * h1[a:b, None]
-        del hx
+        src = xt[s0 : s1 + 1]
+        hx = src.index_select(1, iw0) * w0
+        hx += src.index_select(1, iw1) * w1  # (s1 - s0 + 1, W, K)
+        # index_select over dim 0 of the 2-D view: the row-copy fast path (3-D is far slower on the CPU).
+        flat = hx.view(hx.shape[0], -1)
+        band = flat.index_select(0, ih0[a:b] - s0).mul_(h0[a:b, None])
+        band += flat.index_select(0, ih1[a:b] - s0).mul_(h1[a:b, None])
+        band = band.view(b - a, out_w, k)  # (rows, W, K)
+        del hx, flat
         # torch.max over a dim returns the first maximal index and propagates NaN, like argmax.
-        top[a:b], labels[a:b] = band.max(dim=0)
-        total[a:b] = band.sum(dim=0, dtype=torch.float64).to(torch.float32)
+        top[a:b], labels[a:b] = band.max(dim=-1)
+        total[a:b] = band.sum(dim=-1)
     return labels, top, total

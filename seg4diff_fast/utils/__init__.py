@@ -1,0 +1,5 @@
+"""Small helpers shared by the tests and benchmarks."""
+
+from .memory import peak_memory
+
+__all__ = ["peak_memory"]
