@@ -1,6 +1,26 @@
-"""seg4diff-fast: Seg4Diff's attention maps from MM-DiT diffusion transformers, fast and memory-lean."""
+"""seg4diff-fast: Seg4Diff's attention maps from MM-DiT diffusion transformers, fast and memory-lean.
 
+The public API:
+
+- :func:`joint_attention`: attention over the joint [image; text] sequence that also returns the
+  image→text maps, in one pass, never allocating anything of size N² (Triton on CUDA, torch anywhere).
+- :func:`enable_fast_capture` / :func:`disable_fast_capture` / :class:`FastCapture`: put every
+  attention layer of a diffusers SD3, SD3.5 or Flux pipeline on :func:`joint_attention` and capture maps
+  during generation.
+- :func:`upsample_argmax`: token-grid class maps → full-resolution labels without holding K×H×W.
+
+Example:
+    >>> import torch
+    >>> from seg4diff_fast import joint_attention
+    >>> q, k, v = (torch.randn(1, 2, 40, 64) for _ in range(3))
+    >>> out, maps = joint_attention(q, k, v, capture_cols=torch.arange(32, 40), capture_rows=(0, 32))
+    >>> maps.shape
+    torch.Size([1, 32, 8])
+"""
+
+from .capture import FastCapture, disable_fast_capture, enable_fast_capture
 from .ops.joint_attention import joint_attention
+from .ops.upsample_argmax import upsample_argmax
 
-__all__ = ["joint_attention"]
+__all__ = ["joint_attention", "enable_fast_capture", "disable_fast_capture", "FastCapture", "upsample_argmax"]
 __version__ = "0.1.0"

@@ -1,0 +1,115 @@
+"""SD3 / SD3.5 attention processor: diffusers' ``JointAttnProcessor2_0`` with the attention core on
+:func:`~seg4diff_fast.joint_attention`.
+
+Everything around the core is the attention module's own submodules (``to_q``/``to_k``/``to_v``, the
+``add_*_proj`` text projections, the RMS qk-norms of SD3.5, ``to_out``/``to_add_out``), so LoRA adapters
+loaded with peft or ``pipe.load_lora_weights`` act exactly as with the stock processor. The joint
+sequence is ``[image; text]``; captured maps are the image rows × the selected text columns. The last
+block is ``context_pre_only`` (no ``to_add_out``); SD3.5-medium's ``attn2`` shares the processor and is
+called without text (plain image self-attention, never captured).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.joint_attention import joint_attention
+from .state import CallInfo, FastCapture
+
+
+def _heads_first(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
+    """(B, N, H·D) → (B, H, N, D) view."""
+    return x.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+
+def _sample_projections(attn, x: torch.Tensor):
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_qkv"):
+        return attn.to_qkv(x).chunk(3, dim=-1)
+    return attn.to_q(x), attn.to_k(x), attn.to_v(x)
+
+
+def _context_projections(attn, x: torch.Tensor):
+    if getattr(attn, "fused_projections", False) and hasattr(attn, "to_added_qkv"):
+        return attn.to_added_qkv(x).chunk(3, dim=-1)
+    return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
+
+
+class FastJointAttnProcessor:
+    """Drop-in replacement for diffusers' ``JointAttnProcessor2_0`` (SD3, SD3.5) running on the fused op.
+
+    Args:
+        capture: the :class:`FastCapture` this layer records into, or None.
+        slot: this layer's position in ``capture.layers`` when it captures, else None.
+    """
+
+    def __init__(self, capture: FastCapture | None = None, slot: int | None = None, layer: int | None = None):
+        self.capture = capture
+        self.slot = slot
+        self.layer = layer
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,  # ignored, as by JointAttnProcessor2_0
+        seg4diff_call: CallInfo | None = None,
+    ):
+        batch, n_img = hidden_states.shape[:2]
+        q, k, v = _sample_projections(attn, hidden_states)
+        heads = attn.heads
+        head_dim = k.shape[-1] // heads
+        q, k, v = (_heads_first(t, batch, heads, head_dim) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+
+        if encoder_hidden_states is not None:
+            cq, ck, cv = _context_projections(attn, encoder_hidden_states)
+            cq, ck, cv = (_heads_first(t, batch, heads, head_dim) for t in (cq, ck, cv))
+            if attn.norm_added_q is not None:
+                cq = attn.norm_added_q(cq)
+            if attn.norm_added_k is not None:
+                ck = attn.norm_added_k(ck)
+            q = torch.cat([q, cq], dim=2)
+            k = torch.cat([k, ck], dim=2)
+            v = torch.cat([v, cv], dim=2)
+
+        capture = self.capture
+        info = seg4diff_call
+        if info is not None and self.slot is not None and encoder_hidden_states is not None and capture is not None:
+            if info.n_img != n_img:
+                raise RuntimeError(
+                    f"fast capture: block {self.layer} sees {n_img} image tokens but the call's latent grid "
+                    f"{info.grid} has {info.n_img}"
+                )
+            out, maps = joint_attention(
+                q, k, v, capture_cols=info.cols(q.device), capture_rows=info.rows,
+                mode=capture.mode, head_reduce=capture.head_reduce, backend=capture.backend,
+            )
+            capture.record(self.slot, maps, info)
+        else:
+            out, _ = joint_attention(q, k, v, backend=capture.backend if capture is not None else None)
+
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
+        if encoder_hidden_states is not None:
+            out, context_out = out[:, :n_img], out[:, n_img:]
+            if not attn.context_pre_only:
+                context_out = attn.to_add_out(context_out)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if encoder_hidden_states is not None:
+            return out, context_out
+        return out
+
+    def __repr__(self) -> str:
+        return f"FastJointAttnProcessor(layer={self.layer}, capturing={self.slot is not None})"
+
+
+def sd3_call_geometry(transformer, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """(grid, n_txt, row0, col0) of an SD3 transformer call: latents (B, C, H, W) → (H/p, W/p) tokens."""
+    patch = transformer.config.patch_size
+    grid = (hidden_states.shape[-2] // patch, hidden_states.shape[-1] // patch)
+    n_txt = encoder_hidden_states.shape[1]
+    return grid, n_txt, 0, grid[0] * grid[1]
