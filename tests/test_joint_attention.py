@@ -292,3 +292,29 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
         resolve_backend("triton", cpu)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_reduce", ["mean", "none"])
+def test_torch_backend_in_many_ragged_chunks(mode, head_reduce, monkeypatch, poison_outputs):
+    """The torch backend's row chunking (forward capture and backward) with chunks that do not divide N."""
+    import seg4diff_fast.ops.torch_attention as torch_mod
+
+    monkeypatch.setattr(torch_mod, "CAPTURE_ROWS", 7)
+    monkeypatch.setattr(torch_mod, "MIN_CHUNK_BYTES", 1)  # → blocks of about q's size: a few rows each
+    batch, heads, d = 2, 3, 64
+    n, rows, cols = layout_case("text_first", "per_batch", batch)
+    q, k, v = make_inputs(batch, heads, n, d, torch.float32, "bnhd", torch.device("cpu"))
+    step = torch_mod._rows_per_chunk(q, n)  # D rows at float32: two blocks, the second ragged
+    assert step < n and n % step != 0
+    out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode,
+                                head_reduce=head_reduce, backend="torch")
+    leaves, out_ref, maps_ref = attention_ref(q, k, v, cols, rows, mode, head_reduce, d**-0.5)
+    assert rel_err(out, out_ref) <= FWD_TOL[torch.float32]
+    assert rel_err(maps, maps_ref) <= FWD_TOL[torch.float32]
+    w_out = torch.randn(out.shape, dtype=torch.float64)
+    w_map = torch.randn(maps.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w_out).sum() + (maps.double() * w_map).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (maps_ref * w_map).sum(), leaves)
+    for g, g_ref in zip(grads, grads_ref):
+        assert rel_err(g, g_ref) <= BWD_TOL[torch.float32]

@@ -19,6 +19,7 @@ from .joint_attention import CaptureSpec
 from .reference import gather_cols, head_maps
 
 MIN_CHUNK_BYTES = 1 << 20  # the chunked paths' float32 working blocks are about the size of q, at least this
+CAPTURE_ROWS = 1024  # captured rows per score block in the forward
 
 
 # Output allocator (tests replace it with a NaN-filling one so unwritten elements show up).
@@ -72,23 +73,26 @@ def sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
 def capture_maps(q, k, lse, spec: CaptureSpec, scale: float) -> torch.Tensor:
     """Maps for rows [r0, r1) and the selected columns from the stored logsumexp, one head at a time.
 
-    Working memory is one (B, R, n_sel) float32 score block, turned into the map in place.
+    Working memory is one (B, rows-chunk, n_sel) float32 score block (at most ``CAPTURE_ROWS`` rows),
+    turned into the map in place and added into the output.
     """
     b, h, _, _ = q.shape
-    kc = gather_cols(k, spec.cols)  # (B, H, n_sel, D): tiny
-    rows = slice(spec.r0, spec.r1)
     out = empty_output(spec.maps_shape(b, h), dtype=torch.float32, device=q.device)
     for i in range(h):
-        s = torch.matmul(q[:, i, rows].float(), kc[:, i].float().transpose(-1, -2)).mul_(scale)
-        m = head_maps(s, lse[:, i, rows], spec, inplace=True)
-        if spec.head_reduce == "none":
-            out[:, i] = m
-        elif i == 0:
-            out.copy_(m)
-        elif spec.head_reduce == "mean":
-            out.add_(m)
-        else:
-            torch.maximum(out, m, out=out)
+        kc = gather_cols(k[:, i : i + 1], spec.cols)[:, 0].float().transpose(-1, -2)  # (B, D, n_sel)
+        for a in range(spec.r0, spec.r1, CAPTURE_ROWS):
+            e = min(a + CAPTURE_ROWS, spec.r1)
+            dst = out[..., a - spec.r0 : e - spec.r0, :]
+            s = torch.matmul(q[:, i, a:e].float(), kc).mul_(scale)
+            m = head_maps(s, lse[:, i, a:e], spec, inplace=True)
+            if spec.head_reduce == "none":
+                dst[:, i] = m
+            elif i == 0:
+                dst.copy_(m)
+            elif spec.head_reduce == "mean":
+                dst.add_(m)
+            else:
+                torch.maximum(dst, m, out=dst)
     if spec.head_reduce == "mean":
         out.div_(h)
     return out
