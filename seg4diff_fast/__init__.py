@@ -8,6 +8,9 @@ The public API:
   attention layer of a diffusers SD3, SD3.5 or Flux pipeline on :func:`joint_attention` and capture maps
   during generation.
 - :func:`upsample_argmax`: token-grid class maps → full-resolution labels without holding K×H×W.
+- :class:`Seg4DiffSegmenter`: images + class names → full-resolution label maps (zero-shot, and
+  ``.unsupervised``), the paper's recipe with an early-exiting transformer pass.
+- :class:`MeanIoU`: dataset-level mIoU (the evaluation behind ``seg4diff-fast eval``).
 
 Example:
     >>> import torch
@@ -19,8 +22,18 @@ Example:
 """
 
 from .capture import FastCapture, disable_fast_capture, enable_fast_capture
+from .eval.metrics import MeanIoU
 from .ops.joint_attention import joint_attention
 from .ops.upsample_argmax import upsample_argmax
+from .segment import Seg4DiffSegmenter
 
-__all__ = ["joint_attention", "enable_fast_capture", "disable_fast_capture", "FastCapture", "upsample_argmax"]
+__all__ = [
+    "joint_attention",
+    "enable_fast_capture",
+    "disable_fast_capture",
+    "FastCapture",
+    "upsample_argmax",
+    "Seg4DiffSegmenter",
+    "MeanIoU",
+]
 __version__ = "0.1.0"
