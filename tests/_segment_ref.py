@@ -14,10 +14,6 @@ RES = 32  # tiny VAE factor 2, patch 2 -> 8x8 tokens
 GRID = (RES // 4, RES // 4)
 
 
-def _seed() -> int:
-    return int(np.random.SeedSequence().entropy % (2**31))
-
-
 def _image(rng, h, w) -> np.ndarray:
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 

@@ -12,6 +12,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -35,3 +36,17 @@ def poison_outputs(monkeypatch):
     monkeypatch.setattr(kernel_mod, "empty_output", nan_empty)
     monkeypatch.setattr(torch_mod, "empty_output", nan_empty)
     return nan_empty
+
+
+def fresh_seed() -> int:
+    """A new random seed for each test run (tests draw fresh inputs; failures print the seed they used)."""
+    return int(np.random.SeedSequence().entropy % (2**31))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny-model tests run on one torch thread: on 2 shared cores, threads only contend."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import fresh_seed as _seed
 
 import seg4diff_fast
 from seg4diff_fast import FastCapture, disable_fast_capture, enable_fast_capture
@@ -19,12 +20,7 @@ PROMPT = "a cat on a red sofa"
 KW = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="latent")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +43,6 @@ def _unpatch_after(request):
     for name in ("sd3", "flux"):
         if name in request.fixturenames:
             disable_fast_capture(request.getfixturevalue(name))
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def test_public_exports():

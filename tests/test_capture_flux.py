@@ -3,6 +3,7 @@ outputs match the stock processors, maps match a materialised float64 reference.
 
 import pytest
 import torch
+from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
 from seg4diff_fast.capture.flux import FastFluxAttnProcessor
@@ -11,12 +12,7 @@ from seg4diff_fast.testing import record_stock_attention, reference_maps, tiny_f
 PROMPT = "a cat on a red sofa"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +27,6 @@ def _unpatch_after(request):
     yield
     if "pipe" in request.fixturenames:
         disable_fast_capture(request.getfixturevalue("pipe"))
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def _gen(pipe, seed, **kw):

@@ -3,6 +3,7 @@ materialised float64 reference computed from the q/k the stock processors hand t
 
 import pytest
 import torch
+from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
 from seg4diff_fast.capture.sd3 import FastJointAttnProcessor
@@ -17,12 +18,7 @@ from seg4diff_fast.testing import (
 PROMPT = "a cat on a red sofa"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["sd3", "sd35"])
@@ -37,10 +33,6 @@ def _unpatch_after(request):
     yield
     if "pipe" in request.fixturenames:
         disable_fast_capture(request.getfixturevalue("pipe"))
-
-
-def _seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, ()))
 
 
 def _gen(pipe, seed, **kw):

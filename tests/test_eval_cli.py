@@ -9,7 +9,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from seg4diff_fast import MeanIoU, Seg4DiffSegmenter, cli
@@ -19,8 +18,7 @@ from seg4diff_fast.testing import tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.set_num_threads(1)
+def model_dir(tmp_path_factory, one_thread):
     path = str(tmp_path_factory.mktemp("tiny_sd3"))
     tiny_sd3_pipeline(num_layers=3, t5=False, seed=int(np.random.SeedSequence().entropy % 1000)).save_pretrained(path)
     return path

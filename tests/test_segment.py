@@ -20,8 +20,8 @@ from _segment_ref import (
     _labels_match,
     _reference_class_maps,
     _reference_token_maps,
-    _seed,
 )
+from conftest import fresh_seed as _seed
 from PIL import Image
 
 from seg4diff_fast import Seg4DiffSegmenter
@@ -31,8 +31,7 @@ from seg4diff_fast.testing import WORDS, tiny_sd3_pipeline
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
+def pipe(one_thread):
     return tiny_sd3_pipeline(num_layers=3, t5=False)
 
 

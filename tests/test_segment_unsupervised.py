@@ -8,15 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _segment_ref import GRID, RES, _reference_token_maps
+from conftest import fresh_seed as _seed
 
 from seg4diff_fast import Seg4DiffSegmenter
 from seg4diff_fast.segment.inputs import as_float, to_rgb
 from seg4diff_fast.segment.unsupervised import merge_maps
 from seg4diff_fast.testing import tiny_sd3_pipeline
-
-
-def _seed() -> int:
-    return int(np.random.SeedSequence().entropy % (2**31))
 
 
 def _reference_merge(maps: np.ndarray, threshold: float, power: float):
@@ -60,8 +57,7 @@ def test_merge_maps_matches_loop_reference(power):
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.set_num_threads(1)
+def pipe(one_thread):
     return tiny_sd3_pipeline(num_layers=3, t5=False)
 
 
