@@ -11,6 +11,8 @@ The public API:
 - :class:`Seg4DiffSegmenter`: images + class names → full-resolution label maps (zero-shot, and
   ``.unsupervised``), the paper's recipe with an early-exiting transformer pass.
 - :class:`MeanIoU`: dataset-level mIoU (the evaluation behind ``seg4diff-fast eval``).
+- :func:`label_images`: label an image set with a class list (``seg4diff-fast label``): batched,
+  streamed, resumable, sharded over processes.
 
 Example:
     >>> import torch
@@ -23,6 +25,7 @@ Example:
 
 from .capture import FastCapture, disable_fast_capture, enable_fast_capture
 from .eval.metrics import MeanIoU
+from .label import label_images
 from .ops.joint_attention import joint_attention
 from .ops.upsample_argmax import upsample_argmax
 from .segment import Seg4DiffSegmenter
@@ -35,5 +38,6 @@ __all__ = [
     "upsample_argmax",
     "Seg4DiffSegmenter",
     "MeanIoU",
+    "label_images",
 ]
 __version__ = "0.1.0"

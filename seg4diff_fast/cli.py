@@ -20,11 +20,12 @@ from collections.abc import Sequence
 
 from . import __version__
 
-# name -> module implementing HELP, add_arguments(parser), run(args). Planned: label, magnet.
+# name -> module implementing HELP, add_arguments(parser), run(args). Planned: magnet.
 COMMANDS: dict[str, str] = {
     "demo": "seg4diff_fast.demo",
     "segment": "seg4diff_fast.cli_segment",
     "eval": "seg4diff_fast.cli_eval",
+    "label": "seg4diff_fast.cli_label",
 }
 
 

@@ -280,15 +280,21 @@ class Seg4DiffSegmenter:
 
     def latents(self, images: list[torch.Tensor], pad_multiple: int | None = None) -> torch.Tensor:
         """Noised latents x_t (B, C, h, w) in the transformer's dtype: one VAE call, per-image noise."""
+        return self.encode_latents(to_model_input(images, self.resolution, pad_multiple))
+
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Noised latents x_t from model inputs ``x`` (B, 3, R, R) in [−1, 1] (:func:`.inputs.to_model_input`):
+        one VAE call, each image its own noise from ``seed``. (Used by ``label``, whose loader workers make
+        ``x``.)"""
         vae = self.pipe.vae
-        x = to_model_input(images, self.resolution, pad_multiple).to(vae.device, vae.dtype)
+        x = x.to(vae.device, vae.dtype)
         with torch.no_grad():
             latent = vae.encode(x).latent_dist.mean
         shift = vae.config.get("shift_factor", None) or 0.0
         latent = (latent - shift) * vae.config.scaling_factor
         noise = torch.stack([
             torch.randn(latent.shape[1:], generator=torch.Generator("cpu").manual_seed(self.seed), dtype=torch.float32)
-            for _ in images
+            for _ in range(latent.shape[0])
         ]).to(latent.device, latent.dtype)
         x_t = self._scheduler.scale_noise(latent, self._timestep[None].to(latent.device), noise)
         return x_t.to(self.transformer.device, self.transformer.dtype)

@@ -1,0 +1,421 @@
+"""The run loop of ``label``: image set + class list → label PNGs (and confidence PNGs, COCO JSON).
+
+Stages, overlapped:
+
+1. DataLoader worker processes decode each image and make its model input (:class:`.inputs.LabelDataset`),
+   pinned when the device is CUDA; batches are the fixed cuts of the sorted list (:mod:`.distributed`);
+2. the main process: one VAE call per batch (:meth:`Seg4DiffSegmenter.encode_latents`, per-image noise
+   from the seed), transformer calls that stop after the capture layer, with the prompt embeddings of the
+   vocabulary's chunked prompt set encoded once for the whole run and reused by every batch; class maps
+   (the segmenter's chunk merge), fused ``upsample_argmax`` on the device, the uint8/uint16 label map and
+   the uint8 confidence made there too and copied back without a host sync (CUDA events);
+3. a thread pool encodes the PNGs and writes them atomically (:mod:`.outputs`).
+
+Errors of single inputs (unreadable, truncated, empty) go to ``OUT/errors.jsonl`` (sorted by image, written
+whole at the end by rank 0 from every rank's list), never stopping the run. ``OUT/labels.json`` is written
+first (rank 0); with ``resume`` it must describe the same labeling (classes, model, layer, timestep, seed,
+dtype, …) or the run refuses to mix outputs. ``resume`` skips the batches whose images all have complete
+outputs; a batch with any incomplete image is recomputed whole (the same images together, so the same
+numbers) and only its incomplete images are written.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..ops.upsample_argmax import upsample_argmax
+from ..segment.prompts import plan_prompts
+from ..segment.segmenter import Seg4DiffSegmenter, _Row
+from .coco import build_coco
+from .distributed import DistContext, setup, shard_batches
+from .inputs import ImageItem, LabelDataset, collate, discover_images, load_classes
+from .outputs import (
+    atomic_write,
+    confidence_path,
+    encode_confidence,
+    encode_labels,
+    label_path,
+    outputs_complete,
+    remove_temporaries,
+    write_json,
+)
+
+__all__ = ["LabelSummary", "label_images", "check_out_dir", "RUN_KEYS"]
+
+# labels.json keys that must agree for --resume to add to existing outputs
+RUN_KEYS = ("classes", "prompts", "model", "layer", "resolution", "num_inference_steps", "noise_step", "timestep",
+            "seed", "dtype", "chunk_merge", "split_dash", "short_side", "label_format")
+
+
+@dataclass
+class LabelSummary:
+    """What a run did, over all processes.
+
+    Attributes:
+        images: inputs in the set; labeled: labeled by this run; skipped: complete before (``resume``);
+        errors: inputs that could not be read; seconds: wall time of the labeling (after loading);
+        images_per_s: ``labeled / seconds``; peak_memory: bytes (CUDA: peak allocated; CPU: peak RSS);
+        out_dir: the output folder.
+    """
+
+    images: int
+    labeled: int
+    skipped: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    peak_memory: int
+    memory_kind: str
+    out_dir: str
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        return (f"{self.images} images: {self.labeled} labeled, {self.skipped} already done, {self.errors} errors; "
+                f"{self.seconds:.1f} s, {self.images_per_s:.2f} images/s, peak memory "
+                f"{self.peak_memory / 2**20:.0f} MiB ({self.memory_kind}); outputs in {self.out_dir}")
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Create ``out_dir`` and make sure files can be created in it.
+
+    Raises:
+        ValueError: it cannot be created or written.
+    """
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=out_dir)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"output folder {out_dir} is not writable: {e.strerror or e}") from None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    from .. import __version__
+
+    out = {"seg4diff_fast": __version__, "python": platform.python_version()}
+    for dist in ("torch", "diffusers", "transformers", "numpy", "pillow", "triton"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _peak_memory(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "CUDA allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process RSS"
+
+
+def _run_info(seg: Seg4DiffSegmenter, classes: list[str], prompts: list[str], model: str | None) -> dict[str, Any]:
+    return {
+        "classes": classes,
+        "prompts": prompts,
+        "model": model,
+        "layer": seg.layers[0] if len(seg.layers) == 1 else list(seg.layers),
+        "resolution": seg.resolution,
+        "num_inference_steps": seg.num_inference_steps,
+        "noise_step": seg.noise_step,
+        "timestep": seg.timestep,
+        "seed": seg.seed,
+        "dtype": str(seg.transformer.dtype).replace("torch.", ""),
+        "chunk_merge": seg.chunk_merge,
+        "split_dash": seg.split_dash,
+        "short_side": seg.short_side,
+        "label_format": "palette" if len(classes) <= 256 else "uint16",
+        "versions": _versions(),
+    }
+
+
+def _check_resume(out_dir: str, info: dict[str, Any]) -> None:
+    import json
+
+    path = os.path.join(out_dir, "labels.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--resume: cannot read {path}: {e}") from None
+    differ = [k for k in RUN_KEYS if old.get(k) != info.get(k)]
+    if differ:
+        k = differ[0]
+        raise ValueError(f"--resume: {path} was written by a different labeling ({k}: {old.get(k)!r} there, "
+                         f"{info.get(k)!r} now); use another --out or drop --resume to overwrite")
+    if old.get("versions") != info.get("versions"):
+        print(f"seg4diff-fast label: warning: {path} was written with other library versions; resuming anyway",
+              file=sys.stderr)
+
+
+class _Writer:
+    """PNG encoding and atomic writes on a thread pool, at most ``limit`` images in flight."""
+
+    def __init__(self, threads: int, limit: int):
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="label-writer")
+        self.pending: deque[Future] = deque()
+        self.limit = max(1, limit)
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.limit or (self.pending and self.pending[0].done()):
+            self.pending.popleft().result()  # re-raises a write error
+
+    def finish(self) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _write_image(out_dir: str, rel: str, num_classes: int, labels: torch.Tensor, conf: torch.Tensor | None,
+                 event: Any) -> None:
+    if event is not None:
+        event.synchronize()
+    lab = labels.numpy()
+    if num_classes > 256:
+        lab = lab.astype(np.uint16)
+    if conf is not None:
+        atomic_write(confidence_path(out_dir, rel), encode_confidence(conf.numpy()))
+    atomic_write(label_path(out_dir, rel), encode_labels(lab, num_classes))
+
+
+def label_images(
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    classes: str | Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    segmenter: Seg4DiffSegmenter | None = None,
+    model: str | None = None,
+    layer: int = 9,
+    resolution: int = 1024,
+    seed: int = 0,
+    dtype: str = "auto",
+    device: str | None = None,
+    batch_size: int = 8,
+    workers: int = 4,
+    confidence: bool = False,
+    coco: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    writer_threads: int | None = None,
+    split_dash: bool = True,
+) -> LabelSummary:
+    """Label a set of images with a class list; outputs under ``out_dir`` (see :mod:`seg4diff_fast.label`).
+
+    Run it alone, or in each of several processes started by ``torchrun`` / ``accelerate launch`` (each
+    labels its share; rank 0 writes the shared files).
+
+    Args:
+        images: a folder (searched recursively), a text file of paths, or a list of paths.
+        classes: a list of names, a file with one name a line, or a comma list.
+        out_dir: output folder (created).
+        segmenter: the segmenter to use; None: one from ``load_pipeline(model, dtype, device)`` with
+            ``layer``, ``resolution``, ``seed`` and ``split_dash``.
+        model: folder or hub id to load (recorded in labels.json; with ``segmenter``, only recorded).
+        batch_size: images per VAE/transformer call (rows per transformer call with chunked vocabularies).
+        workers: DataLoader worker processes decoding images (0: in the main process).
+        confidence: also write ``a/b.conf.png``; coco: also write ``coco.json``; resume: skip complete images.
+        progress: tqdm progress bar (rank 0).
+        writer_threads: PNG writer threads (default min(4, CPUs)).
+
+    Returns:
+        A :class:`LabelSummary` (over all processes).
+
+    Raises:
+        ValueError: no images, an empty or unusable class list, an unwritable ``out_dir``, a ``resume``
+            into outputs of a different labeling.
+
+    Example:
+        >>> import os, tempfile
+        >>> import numpy as np
+        >>> from PIL import Image
+        >>> from seg4diff_fast import Seg4DiffSegmenter, label_images
+        >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+        >>> d = tempfile.mkdtemp(); os.makedirs(os.path.join(d, "in", "sub"))
+        >>> Image.new("RGB", (40, 30), "red").save(os.path.join(d, "in", "sub", "a.jpg"))
+        >>> seg = Seg4DiffSegmenter(tiny_sd3_pipeline(t5=False), layer=1, resolution=32)
+        >>> s = label_images(os.path.join(d, "in"), "cat,sky", os.path.join(d, "out"), segmenter=seg,
+        ...                  workers=0, progress=False)
+        >>> s.labeled, np.array(Image.open(os.path.join(d, "out", "sub", "a.png"))).shape
+        (1, (30, 40))
+    """
+    out_dir = os.fspath(out_dir)
+    class_list = load_classes(classes)
+    items = discover_images(images, out_dir)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if int(workers) < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    check_out_dir(out_dir)
+
+    if segmenter is not None:
+        dev = segmenter.transformer.device
+    else:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = setup(dev.type)
+    try:
+        if segmenter is None:
+            from ..models import load_pipeline
+
+            if dev.type == "cuda" and ctx.world_size > 1 and dev.index is None:
+                dev = torch.device("cuda", ctx.local_rank)
+            pipe = load_pipeline(model, dtype, str(dev))
+            segmenter = Seg4DiffSegmenter(pipe, layer=layer, resolution=resolution, seed=seed, split_dash=split_dash)
+        seg = segmenter
+        if model is None:
+            model = getattr(seg.pipe.config, "_name_or_path", None) or None
+        return _label(seg, items, class_list, out_dir, ctx, model, int(batch_size), int(workers), confidence, coco,
+                      resume, progress, writer_threads)
+    finally:
+        ctx.close()
+
+
+def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], out_dir: str, ctx: DistContext,
+           model: str | None, batch_size: int, workers: int, confidence: bool, coco: bool, resume: bool,
+           progress: bool, writer_threads: int | None) -> LabelSummary:
+    from tqdm import tqdm
+
+    plans = plan_prompts(classes, seg.pipe.tokenizer, seg.max_prompt_tokens, seg.split_dash)
+    info = _run_info(seg, classes, [c.prompt for c in plans], model)
+    if resume:
+        _check_resume(out_dir, info)
+    ctx.barrier()  # every rank has read the old labels.json before rank 0 replaces it
+    if ctx.is_main:
+        write_json(os.path.join(out_dir, "labels.json"), info)
+    device = seg.transformer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # the whole vocabulary's prompts, encoded once
+    embeds, pooled = seg.encode_text([c.prompt for c in plans])
+    merge = seg.mode == "probs" and seg.chunk_merge == "image-mass"
+    all_text = merge and len(plans) > 1
+    num_classes = len(classes)
+
+    batches = shard_batches(len(items), batch_size, ctx.rank, ctx.world_size)
+    mine = sum(len(b) for b in batches)
+    complete: set[int] = set()
+    if resume:
+        complete = {i for b in batches for i in b if outputs_complete(out_dir, items[i].rel, confidence)}
+        batches = [b for b in batches if not all(i in complete for i in b)]
+    todo = sum(len(b) for b in batches)
+    skipped = mine - todo + sum(1 for b in batches for i in b if i in complete)
+
+    errors: list[dict[str, str]] = []
+    labeled = 0
+    writer = _Writer(writer_threads or min(4, os.cpu_count() or 1), limit=4 * batch_size)
+    bar = tqdm(total=todo, unit="img", desc="label", disable=not progress or not ctx.is_main, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        if batches:
+            dataset = LabelDataset(items, seg.resolution, seg.short_side)
+            loader = torch.utils.data.DataLoader(
+                dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+            )
+            for batch in loader:
+                valid = [k for k, e in enumerate(batch["error"]) if e is None]
+                for k, e in enumerate(batch["error"]):
+                    if e is not None:
+                        it = items[batch["index"][k]]
+                        errors.append({"image": it.rel, "path": it.path, "reason": e})
+                if valid:
+                    outs = _segment_batch(seg, batch["x"], [batch["size"][k] for k in valid], plans, embeds,
+                                          pooled, merge, all_text, batch_size, num_classes, confidence)
+                    for k, (lab, conf, event) in zip(valid, outs):
+                        i = batch["index"][k]
+                        if i in complete:
+                            continue
+                        writer.submit(_write_image, out_dir, items[i].rel, num_classes, lab, conf, event)
+                        labeled += 1
+                bar.update(len(batch["index"]))
+    finally:
+        bar.close()
+        writer.finish()
+    seconds = time.perf_counter() - t0
+
+    # shared files: every rank's error list, then rank 0 merges
+    import json
+
+    err_file = os.path.join(out_dir, f".errors.rank{ctx.rank}.json")
+    write_json(err_file, errors)
+    peak, kind = _peak_memory(device)
+    total_images = len(items)
+    s_labeled, s_skipped, s_errors = (int(v) for v in ctx.sum([labeled, skipped, len(errors)]))
+    s_seconds, s_peak = ctx.max([seconds, peak])
+    ctx.barrier()
+    if ctx.is_main:
+        merged: dict[str, dict] = {}
+        for r in range(ctx.world_size):
+            with open(os.path.join(out_dir, f".errors.rank{r}.json"), encoding="utf-8") as f:
+                for rec in json.load(f):
+                    merged[rec["image"]] = rec
+        lines = "".join(json.dumps(merged[k], ensure_ascii=False) + "\n" for k in sorted(merged))
+        atomic_write(os.path.join(out_dir, "errors.jsonl"), lines.encode())
+        for name in os.listdir(out_dir):
+            if name.startswith(".errors.rank") and name.endswith(".json"):
+                os.remove(os.path.join(out_dir, name))
+        if coco:
+            build_coco(out_dir, items, classes)
+        remove_temporaries(out_dir)
+    ctx.barrier()
+    return LabelSummary(
+        images=total_images, labeled=s_labeled, skipped=s_skipped, errors=s_errors, seconds=s_seconds,
+        images_per_s=s_labeled / s_seconds if s_seconds > 0 else 0.0, peak_memory=int(s_peak), memory_kind=kind,
+        out_dir=out_dir,
+    )
+
+
+def _segment_batch(seg: Seg4DiffSegmenter, x: torch.Tensor, sizes: list[tuple[int, int]], plans, embeds, pooled,
+                   merge: bool, all_text: bool, rows_per_call: int, num_classes: int, confidence: bool):
+    """Label maps (and confidences) of one batch, left on their way to the host: [(labels, conf, event)]."""
+    latents = seg.encode_latents(x.to(seg.pipe.vae.device, non_blocking=True))
+    rows = [_Row(k, chunk.prompt, chunk) for k in range(latents.shape[0]) for chunk in plans]
+    which = {c.prompt: j for j, c in enumerate(plans)}
+    maps: list[torch.Tensor] = []
+    for s in range(0, len(rows), rows_per_call):
+        part = rows[s:s + rows_per_call]
+        img = torch.tensor([r.image for r in part], device=latents.device)
+        txt = torch.tensor([which[r.prompt] for r in part], device=embeds.device)
+        out = seg.transformer_maps(latents.index_select(0, img), embeds.index_select(0, txt),
+                                   pooled.index_select(0, txt), all_text=all_text)
+        maps.extend(out.unbind(0))
+    cuda = latents.device.type == "cuda"
+    results = []
+    label_dtype = torch.uint8 if num_classes <= 256 else torch.int32
+    for k, size in enumerate(sizes):
+        mine = [(r, m) for r, m in zip(rows, maps) if r.image == k]
+        scores = Seg4DiffSegmenter._class_scores(mine, merge).mean(0)  # (K, h, w), as the segmenter
+        labels, top, total = upsample_argmax(scores, size)
+        labels = labels.to(label_dtype)
+        conf = None
+        if confidence:
+            c = torch.where(total > 0, top / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(top))
+            conf = c.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        if cuda:
+            labels = labels.to("cpu", non_blocking=True)
+            conf = conf.to("cpu", non_blocking=True) if conf is not None else None
+            event = torch.cuda.Event()
+            event.record()
+            results.append((labels, conf, event))
+        else:
+            results.append((labels, conf, None))
+    return results
