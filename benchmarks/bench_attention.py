@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _report import write_block
 
 import seg4diff_fast
 from seg4diff_fast import joint_attention
@@ -399,14 +400,7 @@ def markdown(results: list[dict], header: dict) -> str:
 def write_readme(table: str, device: str) -> str:
     path = os.path.join(HERE, "README.md")
     start, end = f"<!-- results:{device} start -->", f"<!-- results:{device} end -->"
-    block = f"{start}\n{table}\n{end}"
-    text = open(path).read() if os.path.exists(path) else ""
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + f"\n\n### Results: {device}\n\n{block}\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_block(path, start, end, table, heading=f"### Results: {device}")
     return path
 
 

@@ -38,6 +38,7 @@ from PIL import Image, ImageDraw
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _report import write_block  # noqa: E402
 from bench_segment import build_pipeline  # noqa: E402
 
 from seg4diff_fast import Seg4DiffSegmenter, label_images  # noqa: E402
@@ -173,14 +174,7 @@ def write_markdown(path: str, result: dict) -> None:
             row += f" {100 * g['share_of_wall']:.0f}% / {100 * g['share_first_to_last_kernel']:.0f}% |"
         lines.append(row)
     lines.append(MARK_END)
-    text = open(path).read() if os.path.exists(path) else ""
-    block = "\n".join(lines)
-    if MARK_START in text and MARK_END in text:
-        text = text[: text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_block(path, MARK_START, MARK_END, "\n".join(lines))
 
 
 def main(argv=None) -> dict:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from _report import write_block  # noqa: E402
 from bench_pipeline import MaterializedJointAttnProcessor  # noqa: E402
 
 from seg4diff_fast import Seg4DiffSegmenter  # noqa: E402
@@ -156,14 +157,7 @@ def write_markdown(path: str, result: dict) -> None:
         + " (random weights: see above).",
         MARK_END,
     ]
-    text = open(path).read() if os.path.exists(path) else ""
-    block = "\n".join(lines)
-    if MARK_START in text and MARK_END in text:
-        text = text[: text.index(MARK_START)] + block + text[text.index(MARK_END) + len(MARK_END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_block(path, MARK_START, MARK_END, "\n".join(lines))
 
 
 def main(argv=None) -> dict:

@@ -13,10 +13,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
+
+from .utils.files import atomic_write, palette, write_json
 
 HELP = "segment images with a list of class names (label PNG, overlay PNG, JSON per image)"
 
@@ -41,35 +41,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _fail(msg: str) -> int:
     print(f"seg4diff-fast segment: error: {msg}", file=sys.stderr)
     return 2
-
-
-def palette(n: int) -> list[tuple[int, int, int]]:
-    """The PASCAL VOC colour map (bit-interleaved), n colours."""
-    colours = []
-    for i in range(n):
-        r = g = b = 0
-        c = i + 1  # skip black for class 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        colours.append((r, g, b))
-    return colours
-
-
-def _atomic_save(out_dir: str, name: str, write) -> str:
-    final = os.path.join(out_dir, name)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return final
 
 
 def run(args: argparse.Namespace) -> int:
@@ -147,12 +118,7 @@ def _write_outputs(args, classes, images, stems, results, timestep) -> None:
             "timestep": timestep,
             "colours": {c: list(p) for c, p in zip(classes, pal)},
         }
-        _atomic_save(args.out, f"{stem}_labels.png", lambda p, im=label_png: im.save(p, format="PNG"))
-        _atomic_save(args.out, f"{stem}_overlay.png", lambda p, im=overlay_png: im.save(p, format="PNG"))
-
-        def write_json(p, info=info):
-            with open(p, "w") as f:
-                json.dump(info, f, indent=2)
-
-        _atomic_save(args.out, f"{stem}.json", write_json)
+        atomic_write(os.path.join(args.out, f"{stem}_labels.png"), lambda f, im=label_png: im.save(f, format="PNG"))
+        atomic_write(os.path.join(args.out, f"{stem}_overlay.png"), lambda f, im=overlay_png: im.save(f, format="PNG"))
+        write_json(os.path.join(args.out, f"{stem}.json"), info)
         print(f"{stem}: {', '.join(f'{classes[int(i)]} {100 * c / labels.size:.1f}%' for i, c in zip(ids, counts))}")

@@ -103,9 +103,13 @@ def test_failed_write_leaves_no_partial_file(model_dir, tmp_path, monkeypatch, c
     original = Image.Image.save
 
     def failing_save(self, fp, *args, **kwargs):
-        if "_overlay" in os.path.basename(str(fp)):
-            with open(fp, "wb") as f:
-                f.write(b"\x89PNG half")  # a partial file, then the failure
+        name = getattr(fp, "name", fp)  # a path, or the file object the writer gave
+        if "_overlay" in os.path.basename(str(name)):
+            if hasattr(fp, "write"):
+                fp.write(b"\x89PNG half")  # a partial file, then the failure
+            else:
+                with open(fp, "wb") as f:
+                    f.write(b"\x89PNG half")
             raise OSError("disk full")
         return original(self, fp, *args, **kwargs)
 
