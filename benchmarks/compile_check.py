@@ -51,6 +51,7 @@ def main() -> int:
     ap.add_argument("--arch", type=int, default=90)
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
+    # the largest tiles the autotuner keeps for each dtype (kernels.joint_attention.prune_configs)
     failures = 0
     for dt, d, mode, reduce in itertools.product(["bf16", "fp16", "fp32"], [64, 128], [0, 1, 2], [0, 1, 2]):
         prec = "ieee" if dt == "fp32" else "tf32"
@@ -58,7 +59,8 @@ def main() -> int:
         ptr |= {n: "*fp32" for n in ("LSE", "MAPS", "DELTA", "G", "LSEL", "HSEL", "DKSEL")}
         ptr |= {"COLS": "*i64", "DK": "*fp32"}
         jobs = [
-            (kj._attn_fwd, dict(HEAD_DIM=d, BLOCK_M=128, BLOCK_N=64, BLOCK_C=64, CAPTURE=True, MODE=mode,
+            (kj._attn_fwd, dict(HEAD_DIM=d, BLOCK_M=64 if dt == "fp32" else 128, BLOCK_N=64, BLOCK_C=64,
+                                 CAPTURE=True, MODE=mode,
                                  REDUCE=reduce, PREC=prec)),
         ]
         if reduce == 0:

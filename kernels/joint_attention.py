@@ -65,6 +65,24 @@ def _configs(kind: str) -> list[triton.Config]:
     ]
 
 
+def prune_configs(configs, named_args, **kwargs):
+    """Drop tiles that cannot pay off before compiling them: float32 operands (no tensor-core bf16/fp16
+    path, twice the registers) keep only tiles of at most 64×64, and head size 128 drops 128×128 tiles,
+    which spill. At least one config always remains."""
+    q = named_args.get("Q")
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64))
+    fp32 = q is not None and q.dtype == torch.float32
+
+    def fits(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if fp32:
+            return bm <= 64 and bn <= 64
+        return not (head_dim >= 128 and bm * bn > 128 * 64)
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
 def _block_c(n_sel: int) -> int:
     return 16 if _interpreting() else min(64, max(16, triton.next_power_of_2(n_sel)))
 
@@ -156,7 +174,8 @@ def _fwd_step(q, K, V, k_base, v_base, skn, skd, svn, svd, start_n, N, qk_scale2
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM", "CAPTURE", "MODE", "REDUCE"], restore_value=["MAPS"])
+@triton.autotune(configs=_configs("fwd"), key=["N", "HEAD_DIM", "CAPTURE", "MODE", "REDUCE"], restore_value=["MAPS"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, COLS, MAPS,
@@ -289,7 +308,7 @@ def _sel_grad(q, kc, valid, g, lse2_row, lsel2_row, hsel_row, qk_scale2, scale,
     return tl.where(valid[None, :], t, 0.0)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM"])
+@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM"], prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -333,7 +352,8 @@ def _bwd_dkdv(
              dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM", "CAP_GRAD", "MODE"])
+@triton.autotune(configs=_configs("bwd"), key=["N", "HEAD_DIM", "CAP_GRAD", "MODE"],
+                 prune_configs_by={"early_config_prune": prune_configs})
 @triton.jit
 def _bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, COLS, G, LSEL, HSEL,

@@ -318,3 +318,25 @@ def test_torch_backend_in_many_ragged_chunks(mode, head_reduce, monkeypatch, poi
     grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (maps_ref * w_map).sum(), leaves)
     for g, g_ref in zip(grads, grads_ref):
         assert rel_err(g, g_ref) <= BWD_TOL[torch.float32]
+
+
+def test_autotune_pruning_keeps_a_config_for_every_dtype_and_head_size(monkeypatch):
+    """The CUDA autotune lists (not used by the interpreter) pruned per dtype and head size."""
+    import seg4diff_fast.kernels.joint_attention as kernel_mod
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for kind in ("fwd", "bwd"):
+        configs = kernel_mod._configs(kind)
+        assert len(configs) > 1
+        for dtype in DTYPES:
+            for d in (64, 128):
+                q = torch.empty(0, dtype=dtype)
+                kept = kernel_mod.prune_configs(configs, {"Q": q}, HEAD_DIM=d)
+                assert kept and all(c in configs for c in kept)
+                tiles = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept]
+                if dtype == torch.float32:
+                    assert max(tiles) <= 64 * 64
+                elif d == 128:
+                    assert max(tiles) <= 128 * 64
+                else:
+                    assert len(kept) == len(configs)
