@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from _report import write_block  # noqa: E402
-from bench_segment import build_pipeline  # noqa: E402
+from bench_segment import bench_pipeline  # noqa: E402
 
 from seg4diff_fast import Seg4DiffSegmenter, label_images  # noqa: E402
 from seg4diff_fast.label.outputs import encode_labels  # noqa: E402
@@ -199,12 +199,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
-    if args.model:
-        from seg4diff_fast.models import load_pipeline
-
-        pipe = load_pipeline(args.model, str(args.dtype).replace("torch.", ""), args.device)
-    else:
-        pipe = build_pipeline(args)
+    pipe = bench_pipeline(args)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for res in (int(x) for x in args.resolutions.split(",")):

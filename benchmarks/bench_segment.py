@@ -160,6 +160,15 @@ def write_markdown(path: str, result: dict) -> None:
     write_block(path, MARK_START, MARK_END, "\n".join(lines))
 
 
+def bench_pipeline(args: argparse.Namespace):
+    """``--model PATH`` (a real SD3 folder) when given, else the width-reduced random-weight SD3."""
+    if args.model:
+        from seg4diff_fast.models import load_pipeline
+
+        return load_pipeline(args.model, str(args.dtype).replace("torch.", ""), args.device)
+    return build_pipeline(args)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -179,12 +188,7 @@ def main(argv=None) -> dict:
     args.dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
 
-    if args.model:
-        from seg4diff_fast.models import load_pipeline
-
-        pipe = load_pipeline(args.model, str(args.dtype).replace("torch.", ""), args.device)
-    else:
-        pipe = build_pipeline(args)
+    pipe = bench_pipeline(args)
     classes = [c.strip() for c in args.classes.split(",")]
     seg = Seg4DiffSegmenter(pipe, layer=args.layer, resolution=1024, seed=0)
     image = torch.rand(3, args.height, args.width, generator=torch.Generator().manual_seed(0))
