@@ -98,7 +98,9 @@ setup(
     packages=find_packages(include=["seg4diff_fast", "seg4diff_fast.*"]) + ["seg4diff_fast.kernels"],
     package_dir={"seg4diff_fast.kernels": "kernels"},
     include_package_data=True,
-    package_data={"seg4diff_fast": ["data/**/*", "py.typed"]},
+    # data/**/* holds the class-name lists and the demo's scenes (data/demo/); shapes/weights/ is the embedded
+    # ShapesWorld pipeline, the CLI's default model (`seg4diff-fast demo` needs both in a non-editable install).
+    package_data={"seg4diff_fast": ["data/**/*", "data/demo/*", "shapes/weights/**/*", "shapes/NOTES.md", "py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -20,12 +20,14 @@ from collections.abc import Sequence
 
 from . import __version__
 
-# name -> module implementing HELP, add_arguments(parser), run(args). Planned: magnet.
+# name -> module implementing HELP, add_arguments(parser), run(args).
 COMMANDS: dict[str, str] = {
     "demo": "seg4diff_fast.demo",
     "segment": "seg4diff_fast.cli_segment",
     "eval": "seg4diff_fast.cli_eval",
     "label": "seg4diff_fast.cli_label",
+    "magnet": "seg4diff_fast.cli_magnet",
+    "layers": "seg4diff_fast.cli_layers",
 }
 
 

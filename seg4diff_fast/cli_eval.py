@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: the dataset's table in the paper (unsupervised for voc21, coco-stuff27)")
     p.add_argument("--gt-only-prompt", action=argparse.BooleanOptionalAction, default=True,
                    help="prompt only each image's ground-truth classes (the paper's protocol; default on)")
-    p.add_argument("--layers", type=_layers, default=[9], help="capture layer(s), comma-separated, or 'all' (9)")
-    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--layers", type=_layers, default=None,
+                   help="capture layer(s), comma-separated, or 'all' (default: the model's expert layer; 9 for SD3)")
+    p.add_argument("--resolution", type=int, help="input side (default: the model's; 1024 for SD3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=28, help="num_inference_steps (28)")
     p.add_argument("--noise-step", type=int, default=8, help="t = timesteps[-noise_step] (8)")
@@ -80,7 +81,7 @@ def _table(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from .eval.datasets import DATASETS, SegDataset, load_classnames
     from .eval.runner import evaluate
-    from .models import ModelNotAvailableError, load_pipeline, quiet_loading
+    from .models import ModelNotAvailableError, load_pipeline, model_defaults, quiet_loading
     from .segment import Seg4DiffSegmenter
 
     if args.dataset is None:
@@ -99,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail("--limit must be >= 1")
         quiet_loading()
         pipe = load_pipeline(args.model, args.dtype, args.device)
-        layers = args.layers
         n = len(pipe.transformer.transformer_blocks)
+        layers = args.layers if args.layers is not None else [model_defaults(pipe)["layer"]]
         if layers != "all":
             bad = [x for x in layers if not 0 <= x < n]
             if bad or not layers:
@@ -119,9 +120,10 @@ def run(args: argparse.Namespace) -> int:
 
     result["model"] = args.model
     result["settings"] = {
-        "resolution": args.resolution, "seed": args.seed, "num_inference_steps": args.steps,
+        "resolution": segmenter.resolution, "seed": args.seed, "num_inference_steps": args.steps,
         "noise_step": args.noise_step, "dtype": str(segmenter.transformer.dtype).replace("torch.", ""),
-        "pre_resize": args.pre_resize or None, "timestep": segmenter.timestep, "t5": "77 zero positions",
+        "pre_resize": args.pre_resize or None, "timestep": segmenter.timestep,
+        "t5": f"{segmenter.t5_length} zero positions",
     }
     print(_table(result))
     if "per_layer" in result:

@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help='comma-separated class names, e.g. "cat,sofa,background" (required)')
     p.add_argument("--model", help="local diffusers folder or hub id (default: the embedded ShapesWorld pipeline)")
     p.add_argument("--out", help="output folder (required)")
-    p.add_argument("--layer", type=int, default=9, help="capture layer (9)")
-    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--layer", type=int, help="capture layer (default: the model's expert layer; 9 for SD3)")
+    p.add_argument("--resolution", type=int, help="input side (default: the model's; 1024 for SD3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
     try:
+        args.layer = seg.layers[0] if len(seg.layers) == 1 else list(seg.layers)
         _write_outputs(args, classes, images, stems, results, seg.timestep)
     except OSError as e:
         return _fail(f"cannot write to {args.out}: {e}")

@@ -5,8 +5,8 @@
 ``text_encoder_3=None, tokenizer_3=None`` and, because diffusers 0.42 refuses a saved folder that
 lacks components, ``image_encoder=None, feature_extractor=None``.
 
-The default model is meant to be the embedded ShapesWorld pipeline, which is not bundled yet:
-:func:`default_model_path` says so.
+The default model is the embedded ShapesWorld pipeline (:func:`default_model_path`);
+:func:`model_defaults` gives the layer, text layout and resolution a pipeline is read with.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-__all__ = ["ModelNotAvailableError", "default_model_path", "load_pipeline", "quiet_loading", "resolve_dtype"]
+__all__ = ["ModelNotAvailableError", "default_model_path", "load_pipeline", "model_defaults", "quiet_loading",
+           "resolve_dtype"]
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -25,19 +26,49 @@ def default_model_path() -> str:
     """Path of the embedded ShapesWorld pipeline, the default model of the CLI.
 
     Raises:
-        ModelNotAvailableError: always, until the embedded pipeline is bundled.
+        ModelNotAvailableError: the package was installed without its weights.
 
     Example:
-        >>> try:
-        ...     default_model_path()
-        ... except ModelNotAvailableError as e:
-        ...     print(str(e).split(";")[0])
-        the embedded ShapesWorld pipeline is not bundled yet
+        >>> import os
+        >>> os.path.isfile(os.path.join(default_model_path(), "model_index.json"))
+        True
     """
-    raise ModelNotAvailableError(
-        "the embedded ShapesWorld pipeline is not bundled yet; pass --model PATH (a local diffusers folder or "
-        "hub id)"
-    )
+    import os
+
+    from .shapes.shipped import WEIGHTS_DIR
+
+    if not os.path.isfile(os.path.join(WEIGHTS_DIR, "model_index.json")):
+        raise ModelNotAvailableError(
+            f"the embedded ShapesWorld pipeline is missing from {WEIGHTS_DIR}; reinstall the package, or pass "
+            "--model PATH (a local diffusers folder or hub id)"
+        )
+    return WEIGHTS_DIR
+
+
+def model_defaults(pipe: Any) -> dict[str, int]:
+    """The settings a pipeline is read with: ``layer`` (expert block), ``t5_length`` (zero T5 positions) and
+    ``resolution``. A ShapesWorld pipeline (its folder holds ``shapes_config.json``) gets
+    :data:`seg4diff_fast.shapes.EXPERT_LAYER` and its own text layout and size; others SD3-medium's
+    (9, 77, 1024).
+
+    Example:
+        >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+        >>> model_defaults(tiny_sd3_pipeline(t5=False))
+        {'layer': 9, 't5_length': 77, 'resolution': 1024}
+    """
+    import json
+    import os
+
+    path = str(getattr(pipe, "name_or_path", "") or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
+    cfg_file = os.path.join(path, "shapes_config.json") if path else ""
+    if cfg_file and os.path.isfile(cfg_file):
+        from .shapes.shipped import EXPERT_LAYER
+
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        return {"layer": int(cfg.get("expert_layer", EXPERT_LAYER)), "t5_length": int(cfg.get("t5_length", 77)),
+                "resolution": int(cfg.get("size", 32))}
+    return {"layer": 9, "t5_length": 77, "resolution": 1024}
 
 
 def resolve_dtype(dtype: str, device: str) -> Any:

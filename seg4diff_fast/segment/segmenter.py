@@ -119,14 +119,16 @@ class Seg4DiffSegmenter:
     Args:
         pipe: a diffusers ``StableDiffusion3Pipeline`` (SD3 / SD3.5), typically loaded with
             ``text_encoder_3=None, tokenizer_3=None`` (the paper's setting).
-        layer: capture block (0-based; 9 is SD3-medium's expert layer), or several (maps averaged).
+        layer: capture block (0-based; 9 is SD3-medium's expert layer), or several (maps averaged); None:
+            the model's expert layer (:func:`~seg4diff_fast.models.model_defaults`).
         num_inference_steps: scheduler steps the noise level is read from (28).
         noise_step: ``t = timesteps[-noise_step]`` (8: t ≈ 515, σ ≈ 0.515 on SD3).
-        resolution: side of the square the image is stretched to (1024 → 64×64 tokens).
+        resolution: side of the square the image is stretched to (1024 → 64×64 tokens); None: the model's.
         seed: noise seed, the same for every image.
         mode, head_reduce: capture mode and head reduction (paper: ``"probs"``, ``"mean"``).
         use_t5: encode the prompt with T5 too (needs ``text_encoder_3``); default: zero T5 positions.
-        t5_length: number of T5 positions (zeros unless ``use_t5``): 77 as in the authors' fork.
+        t5_length: number of T5 positions (zeros unless ``use_t5``); None: the model's
+            (:func:`~seg4diff_fast.models.model_defaults`: 77 as in the authors' fork, 0 for ShapesWorld).
         split_dash: a class name's text before its first ``-`` goes into the prompt (authors' rule).
         chunk_merge: how the chunks of a long vocabulary are made comparable (see the module docs).
         max_prompt_tokens: content tokens per prompt (default and maximum 75).
@@ -150,16 +152,16 @@ class Seg4DiffSegmenter:
     def __init__(
         self,
         pipe: Any,
-        layer: int | Sequence[int] = 9,
+        layer: int | Sequence[int] | None = None,
         num_inference_steps: int = 28,
         noise_step: int = 8,
-        resolution: int = 1024,
+        resolution: int | None = None,
         seed: int = 0,
         *,
         mode: str = "probs",
         head_reduce: str = "mean",
         use_t5: bool = False,
-        t5_length: int = 77,
+        t5_length: int | None = None,
         split_dash: bool = True,
         chunk_merge: str = "image-mass",
         max_prompt_tokens: int | None = None,
@@ -183,6 +185,13 @@ class Seg4DiffSegmenter:
         self.pipe = pipe
         self.transformer = transformer
         self.num_layers = len(transformer.transformer_blocks)
+        if layer is None or resolution is None or t5_length is None:
+            from ..models import model_defaults
+
+            defaults = model_defaults(pipe)
+            layer = defaults["layer"] if layer is None else layer
+            resolution = defaults["resolution"] if resolution is None else resolution
+            t5_length = defaults["t5_length"] if t5_length is None else t5_length
         self.layers = self._check_layers(layer)
         if not 1 <= int(noise_step) <= int(num_inference_steps):
             raise ValueError(f"noise_step must be in 1..num_inference_steps ({num_inference_steps}), got {noise_step}")

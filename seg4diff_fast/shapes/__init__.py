@@ -7,6 +7,7 @@
   tracked per block at every checkpoint).
 """
 
+from .shipped import EXPERT_LAYER, SIZE, T5_LENGTH, WEIGHTS_DIR
 from .world import BACKGROUND, CLASSES, COLORS, SHAPES, WORDS, Scene, ShapesWorld, caption_for
 
 __all__ = [
@@ -23,11 +24,14 @@ __all__ = [
     "load_pipeline",
     "save_pipeline",
     "WEIGHTS_DIR",
+    "EXPERT_LAYER",
+    "T5_LENGTH",
+    "SIZE",
 ]
 
 
 def __getattr__(name: str):  # the pipeline part imports torch/diffusers: load it lazily
-    if name in ("ShapesConfig", "build_pipeline", "load_pipeline", "save_pipeline", "WEIGHTS_DIR"):
+    if name in ("ShapesConfig", "build_pipeline", "load_pipeline", "save_pipeline"):
         from . import pipeline
 
         return getattr(pipeline, name)

@@ -44,13 +44,11 @@ from typing import Any
 
 import torch
 
+from .shipped import WEIGHTS_DIR
 from .world import WORDS
 
 __all__ = ["ShapesConfig", "WEIGHTS_DIR", "build_pipeline", "close_pooled_shortcut", "load_pipeline",
            "save_pipeline", "trainable_parameters", "world_tokenizer"]
-
-#: Where the shipped pipeline lives (package data, written by ``save_pipeline``).
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 

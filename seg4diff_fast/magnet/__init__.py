@@ -1,0 +1,36 @@
+"""MAGNET fine-tuning: a LoRA trained with flow matching plus a focal/dice mask loss on the expert layer's
+raw image→text scores, through the fused op's backward.
+
+Example:
+    >>> import tempfile
+    >>> from seg4diff_fast.magnet import MagnetConfig, ShapesMagnetData, train_magnet
+    >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+    >>> cfg = MagnetConfig(layer=1, rank=2, max_steps=1, batch_size=2, warmup_steps=0, resolution=32)
+    >>> train_magnet(tiny_sd3_pipeline(t5=False), ShapesMagnetData(8), cfg, tempfile.mkdtemp(), progress=False)["steps"]
+    1
+"""
+
+from .config import MagnetConfig
+from .data import CocoMagnetData, MagnetSample, SA1BMagnetData, ShapesMagnetData, open_magnet_data
+from .head import MapHead
+from .lora import add_magnet_lora, load_magnet_lora, save_magnet_lora
+from .losses import focal_dice_loss
+from .matching import hungarian_match, match_costs
+from .train import train_magnet
+
+__all__ = [
+    "CocoMagnetData",
+    "MagnetConfig",
+    "MagnetSample",
+    "MapHead",
+    "SA1BMagnetData",
+    "ShapesMagnetData",
+    "add_magnet_lora",
+    "focal_dice_loss",
+    "hungarian_match",
+    "load_magnet_lora",
+    "match_costs",
+    "open_magnet_data",
+    "save_magnet_lora",
+    "train_magnet",
+]

@@ -1,0 +1,319 @@
+"""``train_magnet``: MAGNET LoRA fine-tuning with accelerate (one device or several, ``accelerate launch``).
+
+One transformer forward per micro-step gives both losses: flow matching on the output, and the mask
+loss on the expert layer's raw image→text scores captured by the fused op (``mode="logits"``, their
+backward runs through the op's backward). Everything random derives from ``(seed, step, micro-step,
+rank)`` and the data order from ``(seed, epoch)``, so a run resumed from a checkpoint ends with the same
+LoRA as an uninterrupted one. Checkpoints (LoRA, head, optimizer, scheduler, step) are written
+atomically; the final LoRA goes out through the pipeline class's ``save_lora_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..utils.files import write_json
+from .batch import PreparedData, collate_prepared, plan_tokens, predictions_and_targets
+from .config import MagnetConfig
+from .head import MapHead
+from .lora import add_magnet_lora, lora_state_dict, save_magnet_lora
+from .losses import focal_dice_loss
+
+__all__ = ["train_magnet", "CHECKPOINT_FILE", "LOG_FILE"]
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+
+
+class _Order(torch.utils.data.Sampler):
+    """This rank's sample indices from global position ``start`` on: epochs are seeded permutations of
+    the dataset, each global batch of ``batch · world`` indices is split by rank."""
+
+    def __init__(self, n: int, seed: int, start: int, batch: int, rank: int, world: int, total: int):
+        self.n, self.seed, self.start = n, seed, start
+        self.batch, self.rank, self.world, self.total = batch, rank, world, total
+
+    def _global(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.n)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(perm[i])
+
+    def __iter__(self) -> Iterator[int]:
+        per_global = self.batch * self.world
+        for g in range(self.start, self.total):  # g: global micro-batch number
+            base = g * per_global + self.rank * self.batch
+            for j in range(self.batch):
+                yield self._global(base + j)
+
+    def __len__(self) -> int:
+        return (self.total - self.start) * self.batch
+
+
+def _atomic_torch_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _encode_text(pipe: Any, prompts: list[str], t5_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        pe1, pooled1 = pipe._get_clip_prompt_embeds(prompts, device=device, clip_model_index=0)
+        pe2, pooled2 = pipe._get_clip_prompt_embeds(prompts, device=device, clip_model_index=1)
+        clip = torch.cat([pe1, pe2], dim=-1)
+        dim = pipe.transformer.config.joint_attention_dim
+        t5 = torch.zeros(len(prompts), t5_length, dim, device=device, dtype=clip.dtype)
+        embeds = torch.cat([F.pad(clip, (0, dim - clip.shape[-1])), t5], dim=-2)
+        return embeds, torch.cat([pooled1, pooled2], dim=-1)
+
+
+def _encode_images(vae: Any, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
+        shift = vae.config.get("shift_factor", None) or 0.0
+        return ((lat - shift) * vae.config.scaling_factor).float()
+
+
+def _sigmas(scheduler: Any, n: int, cfg: MagnetConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logit-normal u → training-schedule index → (timesteps, σ), as diffusers' SD3 LoRA script."""
+    u = torch.sigmoid(torch.randn(n, generator=gen) * cfg.logit_std + cfg.logit_mean)
+    idx = (u * scheduler.config.num_train_timesteps).long().clamp_(0, len(scheduler.timesteps) - 1)
+    return scheduler.timesteps[idx].float(), scheduler.sigmas[idx].float()
+
+
+def train_magnet(
+    pipe_or_path: Any,
+    dataset: Any,
+    config: MagnetConfig | None = None,
+    output_dir: str = "runs/magnet",
+    resume: bool = False,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune a LoRA on the transformer with flow matching + the focal/dice mask loss (MAGNET).
+
+    Args:
+        pipe_or_path: a diffusers ``StableDiffusion3Pipeline`` or a model path / id for
+            :func:`~seg4diff_fast.models.load_pipeline` (None: the embedded ShapesWorld pipeline).
+        dataset: a MAGNET data source (:func:`~seg4diff_fast.magnet.data.open_magnet_data`: ShapesWorld,
+            COCO, SA-1B) or a spec string for it.
+        config: :class:`MagnetConfig` (defaults: the authors' COCO settings).
+        output_dir: checkpoints, ``log.jsonl`` and the final LoRA (``pytorch_lora_weights.safetensors``,
+            ``magnet_head.safetensors``, ``magnet_config.json``).
+        resume: continue from ``output_dir/checkpoint.pt`` (exactly: same final LoRA as without a stop).
+        progress: show a tqdm bar (main process only).
+        on_step: called as ``on_step(step, losses)`` after each optimizer step (main process).
+
+    Returns:
+        A summary: steps run, final losses, mask losses skipped (with reasons counted), time, paths.
+
+    Example:
+        >>> import tempfile
+        >>> from seg4diff_fast.magnet import MagnetConfig, train_magnet, ShapesMagnetData
+        >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+        >>> cfg = MagnetConfig(layer=1, rank=2, max_steps=2, batch_size=1, warmup_steps=0, resolution=32)
+        >>> out = train_magnet(tiny_sd3_pipeline(t5=False), ShapesMagnetData(4), cfg, tempfile.mkdtemp(),
+        ...                    progress=False)
+        >>> out["steps"]
+        2
+    """
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from ..capture import disable_fast_capture, enable_fast_capture
+    from .data import open_magnet_data
+
+    cfg = config or MagnetConfig()
+    if isinstance(dataset, str):
+        dataset = open_magnet_data(dataset)
+    if len(dataset) == 0:
+        raise ValueError("the MAGNET dataset is empty")
+    os.makedirs(output_dir, exist_ok=True)
+    ckpt_path = os.path.join(output_dir, CHECKPOINT_FILE)
+    if os.path.exists(ckpt_path) and not resume:
+        raise FileExistsError(f"{output_dir} already holds a MAGNET checkpoint; pass resume=True (CLI: --resume) to "
+                              "continue it, or choose another output folder")
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("mixed_precision='fp16' needs CUDA; use 'bf16' or 'no' on a CPU")
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    dev = acc.device
+    pipe = pipe_or_path
+    if pipe is None or isinstance(pipe, str):
+        from ..models import load_pipeline
+
+        pipe = load_pipeline(pipe, dtype="float32", device=str(dev))
+    from ..models import model_defaults
+
+    defaults = model_defaults(pipe)
+    tr = pipe.transformer
+    n_layers = len(tr.transformer_blocks)
+    layer = int(defaults["layer"]) if cfg.layer is None else int(cfg.layer)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: the transformer has {n_layers} blocks (0..{n_layers - 1})")
+    t5_length = int(defaults["t5_length"]) if cfg.t5_length is None else int(cfg.t5_length)
+    resolution = cfg.resolution or int(getattr(dataset, "size", None) or defaults["resolution"])
+    run_cfg = {**cfg.to_dict(), "layer": layer, "t5_length": t5_length, "resolution": resolution}
+
+    torch.manual_seed(cfg.seed)  # LoRA (gaussian) and head init
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.to(dev).eval().requires_grad_(False)
+    tr.to(device=dev)
+    if cfg.mixed_precision == "no" and tr.dtype != torch.float32:
+        tr.to(dtype=torch.float32)  # without autocast every weight must be float32
+    lora_params = add_magnet_lora(tr, cfg.rank, cfg.alpha, cfg.target_modules)
+    for p in lora_params:  # trained weights stay float32 under mixed precision
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    tr.train()
+    head = MapHead().to(dev) if cfg.conv_head else None
+    params = lora_params + (list(head.parameters()) if head is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+    start = 0
+    if resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(tr, state["lora"])
+        if head is not None:
+            head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+    model, opt = acc.prepare(tr, opt)
+    head_model = acc.prepare(head) if head is not None else None
+    cap = enable_fast_capture(tr, layers=[layer], tokens=range(int(pipe.tokenizer.model_max_length)),
+                              mode="logits", head_reduce="none" if cfg.head_reduce == "none" else "mean",
+                              cfg=False, backend=cfg.backend)
+    noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+    data = PreparedData(dataset, resolution)
+    total_micro = cfg.max_steps * cfg.grad_accum
+    sampler = _Order(len(data), cfg.seed, start * cfg.grad_accum, cfg.batch_size, acc.process_index,
+                     acc.num_processes, total_micro)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                                         collate_fn=collate_prepared)
+    batches = iter(loader)
+
+    main = acc.is_main_process
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start, desc="magnet", unit="step", dynamic_ncols=True)
+    skipped: dict[str, int] = {}
+    totals = {"samples": 0, "masks": 0}
+    last: dict[str, float] = {}
+    t0, step = time.perf_counter(), start
+    log_path = os.path.join(output_dir, LOG_FILE)
+
+    def checkpoint(s: int) -> None:
+        if main:
+            _atomic_torch_save({"lora": lora_state_dict(tr), "head": head.state_dict() if head is not None else None,
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": s,
+                                "config": run_cfg}, ckpt_path)
+        acc.wait_for_everyone()
+
+    try:
+        for step in range(start, cfg.max_steps):
+            sums = {"loss": 0.0, "fm": 0.0, "focal": 0.0, "dice": 0.0, "masks": 0}
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                gen = torch.Generator().manual_seed(
+                    int(np.random.default_rng([cfg.seed, step, micro, acc.process_index]).integers(2**62)))
+                totals["samples"] += len(batch["prompt"])
+                plans = [plan_tokens(p, n, pipe.tokenizer) for p, n in zip(batch["prompt"], batch["names"])]
+                for pl in plans:
+                    if pl.skip:
+                        skipped[pl.skip] = skipped.get(pl.skip, 0) + 1
+                        if skipped[pl.skip] == 1:
+                            log.warning("MAGNET: no mask loss for a sample: %s (counted in the summary)", pl.skip)
+                prompts = [pl.prompt for pl in plans]
+                embeds, pooled = _encode_text(pipe, prompts, t5_length, dev)
+                x0 = _encode_images(pipe.vae, batch["x"])
+                noise = torch.randn(x0.shape, generator=gen).to(dev)
+                timesteps, sig = _sigmas(noise_sched, x0.shape[0], cfg, gen)
+                s = sig.view(-1, 1, 1, 1).to(dev)
+                x_t = (1.0 - s) * x0 + s * noise
+                sync = micro == cfg.grad_accum - 1
+                ctx = acc.no_sync(model) if not sync else nullcontext()
+                with ctx, acc.autocast():
+                    cap.reset()
+                    pred = model(hidden_states=x_t, timestep=timesteps.to(dev), encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, return_dict=False)[0]
+                    fm = F.mse_loss(pred.float(), (noise - x0).float())
+                    maps = cap.maps[:, 0]
+                    masks = [m.to(dev) for m in batch["masks"]]
+                    pt = predictions_and_targets(maps, masks, plans, head=head_model,
+                                                 match_focal_weight=cfg.match_focal_weight,
+                                                 match_dice_weight=cfg.match_dice_weight,
+                                                 focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+                    if pt is not None:
+                        focal, dice = focal_dice_loss(pt[0].float(), pt[1], alpha=cfg.focal_alpha,
+                                                      gamma=cfg.focal_gamma, focal_form=cfg.focal_form)
+                        sums["masks"] += int(pt[0].shape[0])
+                        totals["masks"] += int(pt[0].shape[0])
+                    else:  # keep the graph identical across ranks: zero-weight the maps
+                        focal = dice = maps.sum() * 0.0
+                    loss = cfg.lambda_fm * fm + cfg.lambda_focal * focal + cfg.lambda_dice * dice
+                acc.backward(loss / cfg.grad_accum)
+                for k, v in (("loss", loss), ("fm", fm), ("focal", focal), ("dice", dice)):
+                    sums[k] += float(v.detach()) / cfg.grad_accum
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            last = {**{k: round(v, 6) for k, v in sums.items() if k != "masks"}, "masks": sums["masks"]}
+            done = step + 1
+            if main:
+                rate = (done - start) / max(time.perf_counter() - t0, 1e-9)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(fm=f"{last['fm']:.4f}", focal=f"{last['focal']:.4f}", dice=f"{last['dice']:.3f}",
+                                    it_s=f"{rate:.2f}")
+                if done % cfg.log_every == 0 or done == cfg.max_steps:
+                    rec = {"step": done, **last, "lr": sched.get_last_lr()[0], "grad_norm": grad_norm,
+                           "steps_per_s": round(rate, 4), "time": round(time.time(), 1)}
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+            if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+                checkpoint(done)
+            if main and on_step is not None:
+                on_step(done, last)
+        step = cfg.max_steps
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        raise
+    finally:
+        disable_fast_capture(tr)
+        tr.eval()
+    if bar is not None:
+        bar.close()
+    acc.wait_for_everyone()
+    elapsed = time.perf_counter() - t0
+    summary = {"steps": cfg.max_steps, "resumed_from": start, "final": last, "totals": totals, "skipped": skipped,
+               "seconds": round(elapsed, 2), "output_dir": output_dir, "config": run_cfg}
+    if main:
+        save_magnet_lora(output_dir, tr, head, config=run_cfg, pipeline_class=type(pipe)
+                         if hasattr(type(pipe), "save_lora_weights") else None)
+        checkpoint(cfg.max_steps)
+        write_json(os.path.join(output_dir, "summary.json"), summary)
+        log.info("MAGNET: %d steps in %.1f s; final %s; skipped %s", cfg.max_steps - start, elapsed, last, skipped)
+    return summary
+
