@@ -18,6 +18,7 @@ checked against each other.
 
     python benchmarks/bench_magnet.py --json benchmarks/results/bench_magnet_cpu.json
     python benchmarks/bench_magnet.py --device cuda --json benchmarks/results/bench_magnet_cuda.json
+    python benchmarks/bench_magnet.py --gradient-checkpointing --json benchmarks/results/bench_magnet_cpu_gc.json
 
 Goal: ours' peak memory ≤ 0.5× the authors' way at the same batch, step time no worse.
 """
@@ -162,6 +163,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--backend", default=None)
     p.add_argument("--amp", default=None, choices=[None, "fp16", "bf16"], help="autocast (default: fp16 on CUDA)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each block in backward (MagnetConfig.gradient_checkpointing), both variants")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -175,6 +178,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     model = build_transformer(args)
     add_magnet_lora(model, rank=16, alpha=16)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     model.train()
     inputs = make_inputs(args)
     g = torch.Generator().manual_seed(2)
@@ -184,7 +189,8 @@ def main(argv=None) -> dict:
     masks = (torch.rand(args.batch * args.classes, ms, ms, generator=g) > 0.5).to(args.device)
     groups = [[1 + 2 * j, 2 + 2 * j] for j in range(args.classes)]
     clock = time.perf_counter if cuda else time.process_time
-    print(f"SD3 width-reduced + LoRA r16: {args.num_layers} blocks, {args.heads} heads × 64, batch {args.batch}, "
+    print(f"SD3 width-reduced + LoRA r16{' + gradient checkpointing' if args.gradient_checkpointing else ''}: "
+          f"{args.num_layers} blocks, {args.heads} heads × 64, batch {args.batch}, "
           f"{hw * hw} image + {args.text_tokens} text tokens, {args.classes} masks of {ms}² per image, "
           f"{args.device}, {args.threads} threads", flush=True)
 
@@ -233,7 +239,7 @@ def main(argv=None) -> dict:
         "config": {"num_layers": args.num_layers, "heads": args.heads, "head_dim": 64, "batch": args.batch,
                    "image_tokens": hw * hw, "text_tokens": args.text_tokens, "masks_per_image": args.classes,
                    "mask_size": ms, "capture_layer": args.layer, "lora_rank": 16, "reps": args.reps,
-                   "amp": str(args.amp)},
+                   "amp": str(args.amp), "gradient_checkpointing": args.gradient_checkpointing},
         "rows": rows, "lora_grad_rel_err": grad_err,
         "goal": {"peak_mem_x_authors": 0.5, "time_x_authors": 1.0},
     }

@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 
+import seg4diff_fast.kernels.focal_dice as kf  # noqa: E402
 import seg4diff_fast.kernels.joint_attention as kj  # noqa: E402
 import seg4diff_fast.kernels.upsample_argmax as ku  # noqa: E402
 
@@ -29,7 +30,8 @@ def _signature(fn, pointer_dtypes: dict[str, str], constexprs: dict[str, object]
             sig[name] = "constexpr"
         elif name in pointer_dtypes:
             sig[name] = pointer_dtypes[name]
-        elif name in ("qk_scale2", "scale", "map_scale", "g_scale", "scale_h", "scale_w"):
+        elif name in ("qk_scale2", "scale", "map_scale", "g_scale", "scale_h", "scale_w", "alpha", "gamma",
+                      "focal_norm", "dice_norm"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -85,6 +87,22 @@ def main() -> int:
     except Exception as exc:
         failures += 1
         print(f"FAIL _upsample_argmax_kernel: {type(exc).__name__}: {exc}"[:2000])
+    # focal/dice: every pred dtype × target dtype × focal form × power, the GPU block size
+    for xdt, tdt, authors, power in itertools.product(["fp32", "fp16", "bf16"], ["u8", "fp32", "fp16", "bf16"],
+                                                      [False, True], [kf.POW_ONE, kf.POW_SQUARE, kf.POW_GENERIC]):
+        if authors and power != kf.POW_SQUARE:
+            continue
+        consts = dict(AUTHORS=authors, POW=power, BLOCK=1024)
+        for kernel, ptr in ((kf._focal_dice_fwd_kernel, {"X": f"*{xdt}", "T": f"*{tdt}", "PARTIAL": "*fp32"}),
+                            (kf._focal_dice_bwd_kernel, {"X": f"*{xdt}", "T": f"*{tdt}", "SUMS": "*fp32",
+                                                         "GOUT": "*fp32", "DX": "*fp32"})):
+            name = _jit(kernel).__name__
+            try:
+                compile_one(kernel, ptr, consts, target)
+                print(f"ok   {name} x={xdt} t={tdt} authors={authors} pow={power}")
+            except Exception as exc:
+                failures += 1
+                print(f"FAIL {name} x={xdt} t={tdt} authors={authors} pow={power}: {type(exc).__name__}: {exc}"[:2000])
     print(f"{failures} failures")
     return 1 if failures else 0
 

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bilinear import bilinear_sample
+
 # Output allocator (tests replace it with a NaN-filling one so unwritten elements show up).
 empty_output = torch.empty
 
@@ -37,24 +39,6 @@ POW_ONE, POW_SQUARE, POW_GENERIC = 0, 1, 2  # q^γ for γ = 0, γ = 2, any other
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@triton.jit
-def _taps(offs, OUT_W, IN_H, IN_W, scale_h, scale_w):
-    """Flat indices of the 4 source cells of each output pixel and their bilinear weights (PyTorch's math)."""
-    oy = offs // OUT_W
-    ox = offs % OUT_W
-    sy = tl.maximum((oy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-    sx = tl.maximum((ox.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-    y0 = sy.to(tl.int32)
-    x0 = sx.to(tl.int32)
-    y1 = tl.minimum(y0 + 1, IN_H - 1)
-    x1 = tl.minimum(x0 + 1, IN_W - 1)
-    ly = sy - y0.to(tl.float32)
-    lx = sx - x0.to(tl.float32)
-    hy = 1.0 - ly
-    hx = 1.0 - lx
-    return y0 * IN_W + x0, y0 * IN_W + x1, y1 * IN_W + x0, y1 * IN_W + x1, hy, hx, ly, lx
 
 
 @triton.jit
@@ -103,13 +87,8 @@ def _focal_dice_fwd_kernel(
     n_pix = OUT_H * OUT_W
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_pix
-    i00, i01, i10, i11, hy, hx, ly, lx = _taps(offs, OUT_W, IN_H, IN_W, scale_h, scale_w)
-    xb = X + k.to(tl.int64) * (IN_H * IN_W)
-    v00 = tl.load(xb + i00, mask=ok, other=0.0).to(tl.float32)
-    v01 = tl.load(xb + i01, mask=ok, other=0.0).to(tl.float32)
-    v10 = tl.load(xb + i10, mask=ok, other=0.0).to(tl.float32)
-    v11 = tl.load(xb + i11, mask=ok, other=0.0).to(tl.float32)
-    x = hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
+    x, _, _, _, _, _, _, _, _ = bilinear_sample(X + k.to(tl.int64) * (IN_H * IN_W), offs, ok, OUT_W, IN_H, IN_W,
+                                                scale_h, scale_w)
     t = tl.load(T + k.to(tl.int64) * n_pix + offs, mask=ok, other=0).to(tl.float32)
     loss, _, p, _ = _pointwise(x, t, alpha, gamma, AUTHORS, POW)
     out = PARTIAL + pid.to(tl.int64) * 4  # (K, N_BLOCKS, 4) row-major: pid = k·N_BLOCKS + blk
@@ -131,14 +110,8 @@ def _focal_dice_bwd_kernel(
     n_pix = OUT_H * OUT_W
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n_pix
-    i00, i01, i10, i11, hy, hx, ly, lx = _taps(offs, OUT_W, IN_H, IN_W, scale_h, scale_w)
     plane = k.to(tl.int64) * (IN_H * IN_W)
-    xb = X + plane
-    v00 = tl.load(xb + i00, mask=ok, other=0.0).to(tl.float32)
-    v01 = tl.load(xb + i01, mask=ok, other=0.0).to(tl.float32)
-    v10 = tl.load(xb + i10, mask=ok, other=0.0).to(tl.float32)
-    v11 = tl.load(xb + i11, mask=ok, other=0.0).to(tl.float32)
-    x = hy * (hx * v00 + lx * v01) + ly * (hx * v10 + lx * v11)
+    x, i00, i01, i10, i11, hy, hx, ly, lx = bilinear_sample(X + plane, offs, ok, OUT_W, IN_H, IN_W, scale_h, scale_w)
     t = tl.load(T + k.to(tl.int64) * n_pix + offs, mask=ok, other=0).to(tl.float32)
     _, dloss, p, pm = _pointwise(x, t, alpha, gamma, AUTHORS, POW)
     # upstream gradients (on the device: no host sync) and this mask's dice sums

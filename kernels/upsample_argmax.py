@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .bilinear import bilinear_taps
+
 
 @triton.jit
 def _upsample_argmax_kernel(
@@ -23,23 +25,7 @@ def _upsample_argmax_kernel(
     pid = tl.program_id(0)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_ok = offs_p < OUT_H * OUT_W
-    oy = offs_p // OUT_W
-    ox = offs_p % OUT_W
-    # source coordinates and weights, as PyTorch's align_corners=False bilinear kernel computes them
-    sy = tl.maximum((oy.to(tl.float32) + 0.5) * scale_h - 0.5, 0.0)
-    sx = tl.maximum((ox.to(tl.float32) + 0.5) * scale_w - 0.5, 0.0)
-    y0 = sy.to(tl.int32)
-    x0 = sx.to(tl.int32)
-    y1 = tl.minimum(y0 + 1, IN_H - 1)
-    x1 = tl.minimum(x0 + 1, IN_W - 1)
-    ly = sy - y0.to(tl.float32)
-    lx = sx - x0.to(tl.float32)
-    hy = 1.0 - ly
-    hx = 1.0 - lx
-    i00 = y0 * IN_W + x0
-    i01 = y0 * IN_W + x1
-    i10 = y1 * IN_W + x0
-    i11 = y1 * IN_W + x1
+    i00, i01, i10, i11, hy, hx, ly, lx = bilinear_taps(offs_p, OUT_W, IN_H, IN_W, scale_h, scale_w)
 
     best = tl.full([BLOCK_P], float("-inf"), tl.float32)
     best_k = tl.zeros([BLOCK_P], tl.int32)

@@ -13,6 +13,9 @@ The public API:
 - :class:`MeanIoU`: dataset-level mIoU (the evaluation behind ``seg4diff-fast eval``).
 - :func:`label_images`: label an image set with a class list (``seg4diff-fast label``): batched,
   streamed, resumable, sharded over processes.
+- :class:`MagnetConfig` / :func:`train_magnet` / :func:`load_magnet_lora`: MAGNET LoRA fine-tuning
+  (flow matching + focal/dice on the expert layer's raw image→text scores, through the fused op's
+  backward) and loading the authors' released ``.pth`` (``seg4diff-fast magnet``; needs ``[train]``).
 
 Example:
     >>> import torch
@@ -39,5 +42,18 @@ __all__ = [
     "Seg4DiffSegmenter",
     "MeanIoU",
     "label_images",
+    "MagnetConfig",
+    "train_magnet",
+    "load_magnet_lora",
 ]
 __version__ = "0.1.0"
+
+_MAGNET = ("MagnetConfig", "train_magnet", "load_magnet_lora")
+
+
+def __getattr__(name: str):  # MAGNET is imported on first use: ``import seg4diff_fast`` stays light
+    if name in _MAGNET:
+        from . import magnet
+
+        return getattr(magnet, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

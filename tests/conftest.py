@@ -50,3 +50,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def no_embedded_model(monkeypatch, tmp_path):
+    """Pretend the package was installed without its ShapesWorld weights (an empty weights folder)."""
+    import seg4diff_fast.shapes.shipped as shipped
+
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", str(empty))
+    return str(empty)

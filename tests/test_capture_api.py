@@ -49,6 +49,12 @@ def test_public_exports():
     for name in ("enable_fast_capture", "disable_fast_capture", "FastCapture", "joint_attention"):
         assert name in seg4diff_fast.__all__
     assert "tiny_sd3_pipeline" in (enable_fast_capture.__doc__ or "")
+    import seg4diff_fast.magnet as magnet
+
+    for name in ("MagnetConfig", "train_magnet", "load_magnet_lora"):  # the import line
+        assert name in seg4diff_fast.__all__ and getattr(seg4diff_fast, name) is getattr(magnet, name)
+    with pytest.raises(AttributeError):
+        seg4diff_fast.no_such_name  # noqa: B018
 
 
 def test_unsupported_models_raise_type_error():

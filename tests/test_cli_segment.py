@@ -62,7 +62,7 @@ def test_segment_writes_three_files(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("problem", ["unreadable", "empty-classes", "blank-class", "no-tokens", "layer", "no-model"])
-def test_segment_bad_inputs_write_nothing(model_dir, tmp_path, capsys, problem):
+def test_segment_bad_inputs_write_nothing(model_dir, tmp_path, capsys, problem, request):
     rng = np.random.default_rng(np.random.SeedSequence().entropy)
     paths = _images(tmp_path, rng)
     out = str(tmp_path / "out")
@@ -80,6 +80,7 @@ def test_segment_bad_inputs_write_nothing(model_dir, tmp_path, capsys, problem):
     elif problem == "layer":
         layer = "3"
     else:
+        request.getfixturevalue("no_embedded_model")
         model = []
     rc = cli.main(["segment", *paths, "--classes", classes, *model, "--out", out, "--layer", layer,
                    "--resolution", "32"])
@@ -89,8 +90,13 @@ def test_segment_bad_inputs_write_nothing(model_dir, tmp_path, capsys, problem):
     assert not os.path.exists(out) or os.listdir(out) == []
 
 
-def test_default_model_not_bundled():
-    with pytest.raises(ModelNotAvailableError, match="not bundled yet; pass --model PATH"):
+def test_default_model_is_embedded_and_its_absence_is_a_clear_error(monkeypatch, tmp_path):
+    path = default_model_path()
+    assert os.path.isfile(os.path.join(path, "model_index.json"))
+    import seg4diff_fast.shapes.shipped as shipped
+
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(ModelNotAvailableError, match="pass --model PATH"):
         default_model_path()
     with pytest.raises(ModelNotAvailableError):
         load_pipeline(None)

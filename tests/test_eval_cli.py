@@ -96,7 +96,7 @@ def test_eval_open_vocab_and_layer_sweep(model_dir, tmp_path, capsys):
     assert "mIoU per layer" in capsys.readouterr().out
 
 
-def test_eval_background_unsupervised_and_folder(model_dir, tmp_path, capsys):
+def test_eval_background_unsupervised_and_folder(model_dir, tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(np.random.SeedSequence().entropy)
     root = str(tmp_path / "datasets")
     items = _write_dataset(root, "voc21", 3, 21, rng, background=20)
@@ -141,7 +141,10 @@ def test_eval_background_unsupervised_and_folder(model_dir, tmp_path, capsys):
     capsys.readouterr()
     assert _run(["--dataset", "ade150", "--root", root, "--model", model_dir, "--out", out]) == 2
     assert _run(["--dataset", "voc21", "--root", root, "--model", model_dir, "--layers", "7", "--out", out]) == 2
+    import seg4diff_fast.shapes.shipped as shipped
+
+    monkeypatch.setattr(shipped, "WEIGHTS_DIR", str(tmp_path / "no_weights"))
     assert _run(["--dataset", "voc21", "--root", root, "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("seg4diff-fast eval: error:") for line in err)
-    assert "out of range" in err[1] and "not bundled yet" in err[2]
+    assert "out of range" in err[1] and "--model PATH" in err[2]

@@ -305,7 +305,7 @@ def test_resume_refuses_another_labeling(dataset, reference, model_dir, tmp_path
 
 @pytest.mark.parametrize("problem", ["no-images", "missing-images", "empty-classes", "empty-class-file",
                                      "unwritable-out", "no-model", "collision"])
-def test_bad_arguments_one_error_line(dataset, model_dir, tmp_path, capsys, problem):
+def test_bad_arguments_one_error_line(dataset, model_dir, tmp_path, capsys, problem, request):
     root, _ = dataset
     images, classes, out, model = root, CLASSES, str(tmp_path / "out"), ["--model", model_dir]
     if problem == "no-images":
@@ -324,6 +324,7 @@ def test_bad_arguments_one_error_line(dataset, model_dir, tmp_path, capsys, prob
         blocker.write_text("x")
         out = str(blocker / "out")  # a folder under a file can never be made (even by root)
     elif problem == "no-model":
+        request.getfixturevalue("no_embedded_model")
         model = []
     elif problem == "collision":
         images = str(tmp_path / "dup")

@@ -130,3 +130,82 @@ def test_grounding_baselines_match_a_direct_count():
     assert r["n_A"] == sum(len(s.classes) >= 3 for s in scenes)
     assert len(r["A"]) == len(r["B"]) == TINY.num_layers
     assert np.isfinite(r["A_baseline"])
+
+
+def test_protocol_a_split_by_shared_colour_equals_evaluating_each_part_alone():
+    pipe = build_pipeline(TINY)
+    scenes = heldout_scenes(40, 32)
+    r = evaluate_grounding(pipe, scenes, 32, TINY.t5_length, batch_size=8)
+    a_scenes = [s for s in scenes if len(s.classes) >= 3]
+    for key, distinct in (("A_distinct_colours", True), ("A_shared_colour", False)):
+        part = [s for s in a_scenes
+                if (len({c.split()[0] for c in s.object_classes}) == len(s.object_classes)) == distinct]
+        assert r[f"n_{key}"] == len(part) > 0
+        alone = evaluate_grounding(pipe, part, 32, TINY.t5_length, batch_size=8)
+        assert r[key] == pytest.approx(alone["A"], abs=0.02)  # the same scenes scored on their own
+    assert r["n_A_distinct_colours"] + r["n_A_shared_colour"] == r["n_A"]
+
+
+def _named_objects(caption: str) -> list[str]:
+    """The objects a caption names: "colour shape" or a bare "shape" (glue words and background skipped)."""
+    from seg4diff_fast.shapes import COLORS, SHAPES
+
+    words, out, i = caption.split(), [], 0
+    while i < len(words):
+        if words[i] in COLORS:
+            assert words[i + 1] in SHAPES, caption
+            out.append(f"{words[i]} {words[i + 1]}")
+            i += 2
+            continue
+        if words[i] in SHAPES:
+            out.append(words[i])
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("style", ["mixed", "varied"])
+def test_training_captions_name_exactly_the_scene_objects(style):
+    from seg4diff_fast.shapes.train import training_caption
+
+    rng = np.random.default_rng(np.random.SeedSequence().entropy)
+    forms, bare = set(), 0
+    for seed in range(300):
+        s = ShapesWorld(seed).sample()
+        assert training_caption(s, rng, "world") == s.caption
+        cap = training_caption(s, rng, style)
+        words = cap.split()
+        assert set(words) <= set(WORDS)
+        named = _named_objects(cap)
+        # each object named once, in full or (varied) by its shape alone
+        remaining = list(s.object_classes)
+        for n in sorted(named, key=lambda x: -len(x)):  # full names first, then bare shapes
+            match = n if n in remaining else next((o for o in remaining if o.split()[1] == n), None)
+            assert match is not None and (style == "varied" or match == n), (cap, s.object_classes)
+            bare += match != n
+            remaining.remove(match)
+        assert not remaining, (cap, s.object_classes)
+        forms.add("sentence" if cap.endswith(" on background") else
+                  "list+background" if "background" in words else "list")
+    assert forms == {"sentence", "list+background", "list"}
+    assert (bare > 0) == (style == "varied")
+    with pytest.raises(ValueError, match="caption style"):
+        training_caption(ShapesWorld(0).sample(), rng, "poetry")
+
+
+def test_two_layer_text_encoder_mixes_words_causally():
+    """text_layers=2: a word's state (hidden_states[-2]) depends on the words before it, never after."""
+    import dataclasses
+
+    pipe = build_pipeline(dataclasses.replace(TINY, text_layers=2))
+    assert any(p.requires_grad for p in pipe.text_encoder.text_model.encoder.layers[0].parameters())
+    assert not any(p.requires_grad for p in pipe.text_encoder.text_model.encoder.layers[-1].parameters())
+
+    def states(prompt):
+        with torch.no_grad():
+            return pipe.encode_prompt(prompt, None, None, device="cpu", do_classifier_free_guidance=False,
+                                      max_sequence_length=8)[0][0]
+
+    a, b = states("red circle on background"), states("blue circle on background")
+    c = states("red square on background")
+    torch.testing.assert_close(a[:2], c[:2])  # BOS and "red" do not see the next word
+    assert not torch.allclose(a[2], b[2])  # "circle" sees its colour

@@ -108,3 +108,27 @@ def test_global_label_map():
     g = s.global_label_map()
     for j, name in enumerate(s.classes):
         assert np.all(g[s.label_map == j] == CLASSES.index(name))
+
+
+def test_same_colour_scenes():
+    """same_colour=1: every scene's objects share one colour and have distinct shapes; the annotations stay
+    exact; 0 gives the default stream; anything else is refused."""
+    colours_seen = set()
+    for seed in range(60):
+        s = ShapesWorld(seed, same_colour=1.0).sample()
+        cols = {c.split()[0] for c in s.object_classes}
+        shapes = [c.split()[1] for c in s.object_classes]
+        assert len(cols) == 1 and len(set(shapes)) == len(shapes)
+        colours_seen |= cols
+        rgb = np.asarray(s.image)
+        for j, name in enumerate(s.classes):
+            want = BACKGROUND_RGB if name == BACKGROUND else COLORS[name.split()[0]]
+            assert np.all(rgb[s.label_map == j] == want)
+        d = ShapesWorld(seed, same_colour=0.0).sample()
+        assert d.caption == _scene(seed).caption and np.array_equal(d.label_map, _scene(seed).label_map)
+    assert colours_seen == set(COLORS)
+    mixed = [ShapesWorld(seed, same_colour=0.5).sample() for seed in range(200)]
+    share = np.mean([len({c.split()[0] for c in s.object_classes}) == 1 for s in mixed if len(s.classes) >= 3])
+    assert 0.4 < share < 0.75  # half forced, plus the default's own same-colour pairs
+    with pytest.raises(ValueError, match="same_colour"):
+        ShapesWorld(0, same_colour=1.5)

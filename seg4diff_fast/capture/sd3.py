@@ -34,6 +34,41 @@ def _context_projections(attn, x: torch.Tensor):
     return attn.add_q_proj(x), attn.add_k_proj(x), attn.add_v_proj(x)
 
 
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """q, k, v of the joint sequence ``[image; text]`` as (B, H, N, D), exactly as ``JointAttnProcessor2_0``
+    makes them (the module's own projections and qk-norms); image only when there is no text."""
+    batch = hidden_states.shape[0]
+    heads = attn.heads
+    q, k, v = _sample_projections(attn, hidden_states)
+    head_dim = k.shape[-1] // heads
+    q, k, v = (_heads_first(t, batch, heads, head_dim) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if encoder_hidden_states is not None:
+        cq, ck, cv = _context_projections(attn, encoder_hidden_states)
+        cq, ck, cv = (_heads_first(t, batch, heads, head_dim) for t in (cq, ck, cv))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+    return q, k, v
+
+
+def joint_output(attn, out: torch.Tensor, n_img: int, with_text: bool, dtype: torch.dtype):
+    """The attention core's (B, H, N, D) output → the module's outputs: image (and text) projections."""
+    batch, heads, _, head_dim = out.shape
+    out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(dtype)
+    if not with_text:
+        return attn.to_out[1](attn.to_out[0](out))
+    out, context_out = out[:, :n_img], out[:, n_img:]
+    if not attn.context_pre_only:
+        context_out = attn.to_add_out(context_out)
+    return attn.to_out[1](attn.to_out[0](out)), context_out
+
+
 class FastJointAttnProcessor:
     """Drop-in replacement for diffusers' ``JointAttnProcessor2_0`` (SD3, SD3.5) running on the fused op.
 
@@ -55,26 +90,8 @@ class FastJointAttnProcessor:
         attention_mask: torch.Tensor | None = None,  # ignored, as by JointAttnProcessor2_0
         seg4diff_call: CallInfo | None = None,
     ):
-        batch, n_img = hidden_states.shape[:2]
-        q, k, v = _sample_projections(attn, hidden_states)
-        heads = attn.heads
-        head_dim = k.shape[-1] // heads
-        q, k, v = (_heads_first(t, batch, heads, head_dim) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-
-        if encoder_hidden_states is not None:
-            cq, ck, cv = _context_projections(attn, encoder_hidden_states)
-            cq, ck, cv = (_heads_first(t, batch, heads, head_dim) for t in (cq, ck, cv))
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
-            q = torch.cat([q, cq], dim=2)
-            k = torch.cat([k, ck], dim=2)
-            v = torch.cat([v, cv], dim=2)
+        n_img = hidden_states.shape[1]
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
 
         capture = self.capture
         info = seg4diff_call
@@ -92,16 +109,7 @@ class FastJointAttnProcessor:
         else:
             out, _ = joint_attention(q, k, v, backend=capture.backend if capture is not None else None)
 
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
-        if encoder_hidden_states is not None:
-            out, context_out = out[:, :n_img], out[:, n_img:]
-            if not attn.context_pre_only:
-                context_out = attn.to_add_out(context_out)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if encoder_hidden_states is not None:
-            return out, context_out
-        return out
+        return joint_output(attn, out, n_img, encoder_hidden_states is not None, q.dtype)
 
     def __repr__(self) -> str:
         return f"FastJointAttnProcessor(layer={self.layer}, capturing={self.slot is not None})"

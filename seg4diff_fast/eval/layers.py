@@ -50,28 +50,15 @@ class _BlockMassProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None):  # mask ignored, as by JointAttnProcessor2_0
-        from ..capture.sd3 import _context_projections, _heads_first, _sample_projections
+        from ..capture.sd3 import joint_output, joint_qkv
         from ..ops.joint_attention import MAX_SELECTED, joint_attention
 
         batch, n_img = hidden_states.shape[:2]
-        q, k, v = _sample_projections(attn, hidden_states)
-        heads = attn.heads
-        head_dim = k.shape[-1] // heads
-        q, k, v = (_heads_first(t, batch, heads, head_dim) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
         if encoder_hidden_states is None:  # SD3.5's attn2 never comes here (only block.attn is patched)
             out, _ = joint_attention(q, k, v, backend=self.backend)
         else:
-            cq, ck, cv = _context_projections(attn, encoder_hidden_states)
-            cq, ck, cv = (_heads_first(t, batch, heads, head_dim) for t in (cq, ck, cv))
-            if attn.norm_added_q is not None:
-                cq = attn.norm_added_q(cq)
-            if attn.norm_added_k is not None:
-                ck = attn.norm_added_k(ck)
-            q, k, v = torch.cat([q, cq], dim=2), torch.cat([k, ck], dim=2), torch.cat([v, cv], dim=2)
+            heads = q.shape[1]
             n = q.shape[2]
             text_mass = torch.zeros(batch, heads, n, dtype=torch.float64, device=q.device)
             out = None
@@ -85,14 +72,7 @@ class _BlockMassProcessor:
             t2t = text_mass[:, :, n_img:].mean(-1)
             part = torch.stack([i2t, t2t], dim=-1).sum(0).cpu()  # (H, 2), summed over the batch
             self.sink[self.layer] = part if self.layer not in self.sink else self.sink[self.layer] + part
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
-        if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](out))
-        out, context_out = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            context_out = attn.to_add_out(context_out)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out, context_out
+        return joint_output(attn, out, n_img, encoder_hidden_states is not None, q.dtype)
 
 
 def _segmenter(pipe: Any, resolution: int | None, t5_length: int | None, seed: int, noise_step: int,

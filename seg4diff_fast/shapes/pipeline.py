@@ -8,7 +8,9 @@ Design (from the facts of issue #4):
   autoencoder (``train.py``'s first stage); ``shift_factor`` / ``scaling_factor`` are then set from the
   latent statistics, as SD3's are.
 - **One distinct state per word.** Both CLIP encoders are ``CLIPTextModelWithProjection`` with ONE
-  hidden layer. The SD3 pipeline reads ``hidden_states[-2]``, which for a 1-layer CLIP is the embedding
+  hidden layer by default (``text_layers=2``, the shipped model, reads the first layer's output instead:
+  each word then also sees the words before it through CLIP's causal attention, a shape its colour).
+  The SD3 pipeline reads ``hidden_states[-2]``, which for a 1-layer CLIP is the embedding
   output itself: token embedding + position embedding, with no causal mixing at all. Each word's
   state is a learned embedding (trained jointly with the transformer); the layer and the projection
   only make the (unused) pooled vector. Token embeddings start at N(0, 1), so words are distinct from
@@ -62,6 +64,10 @@ class ShapesConfig:
         num_layers, heads, head_dim: transformer blocks, heads per block, head width.
         qk_norm: None or ``"rms_norm"`` (SD3.5-style).
         text_dim: hidden width of each CLIP encoder (joint_attention_dim = 2 · text_dim).
+        text_layers: CLIP layers. The pipeline reads ``hidden_states[-2]``: with 1 layer that is the
+            embedding output (one unmixed vector per word); with 2 it is the first layer's output, where
+            CLIP's causal attention lets a word see the words before it (a noun sees its colour), as in
+            real CLIP. Trained jointly either way.
         latent_channels: VAE latent channels.
         vae_channels: VAE block width.
         t5_length: zero T5 positions appended to the CLIP positions (training and segmenter).
@@ -78,6 +84,7 @@ class ShapesConfig:
     head_dim: int = 16
     qk_norm: str | None = None
     text_dim: int = 32
+    text_layers: int = 1
     latent_channels: int = 4
     vae_channels: int = 16
     t5_length: int = 77
@@ -137,7 +144,7 @@ def _text_encoder(vocab_size: int, cfg: ShapesConfig) -> Any:
 
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=cfg.text_dim, intermediate_size=2 * cfg.text_dim,
-        num_hidden_layers=1, num_attention_heads=1, max_position_embeddings=cfg.clip_length,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=1, max_position_embeddings=cfg.clip_length,
         projection_dim=cfg.text_dim,
         bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu",
     )
@@ -195,6 +202,8 @@ def build_pipeline(config: ShapesConfig | None = None) -> Any:
     for te in (te1, te2):  # only the embeddings feed the transformer (hidden_states[-2])
         te.requires_grad_(False)
         te.text_model.embeddings.requires_grad_(True)
+        for layer in te.text_model.encoder.layers[:-1]:  # layers before the last feed hidden_states[-2]
+            layer.requires_grad_(True)
     torch.manual_seed(cfg.seed + 2)
     vae = _vae(cfg)
     pipe = StableDiffusion3Pipeline(

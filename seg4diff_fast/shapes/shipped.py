@@ -13,7 +13,7 @@ __all__ = ["EXPERT_LAYER", "T5_LENGTH", "WEIGHTS_DIR", "SIZE"]
 #: Folder of the shipped pipeline (package data, diffusers format, safetensors).
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 #: The block whose head-mean image→text maps segment best (per-block sweep on held-out scenes).
-EXPERT_LAYER = 3
+EXPERT_LAYER = 1
 #: Zero T5 positions after the CLIP ones, as in training (the model never saw T5 positions).
 T5_LENGTH = 0
 #: World resolution (pixels), the segmenter's ``resolution`` for this model.

@@ -13,7 +13,10 @@ Stages (all in one process, resumable at every checkpoint):
    the transformer predicts ``ε − x0`` at ``timestep = 1000·σ``; MSE. Captions go through the stock
    ``pipe.encode_prompt`` (77 CLIP + ``t5_length`` zero T5 positions, exactly what inference uses);
    with probability ``--caption-dropout`` a caption is replaced by ``""`` (for CFG, and so that the
-   caption's words must carry whatever they decide). AdamW on the transformer and the CLIP embeddings;
+   caption's words must carry whatever they decide). ``--caption-style`` picks the captions' forms
+   (:func:`training_caption`), ``--same-colour`` the share of one-colour scenes, ``--sigma-mean`` /
+   ``--sigma-std`` the logit-normal σ. AdamW on the transformer and the CLIP embeddings (and the first
+   CLIP layer with ``--text-layers 2``);
    learning rate constant or cosine-decayed (``--lr-schedule``), computed from the step (resume-safe).
 3. **Checkpoints** every ``--ckpt-every`` steps: ``DIR/checkpoint.pt`` (models, optimizer, the noise
    generator, step; written to a temporary file then renamed), ``DIR/pipeline/`` (``save_pretrained``;
@@ -47,7 +50,8 @@ from ..eval.metrics import MeanIoU
 from .pipeline import ShapesConfig, build_pipeline, save_pipeline, trainable_parameters
 from .world import CLASSES, Scene, ShapesWorld
 
-__all__ = ["TRAIN_SEED_OFFSET", "evaluate_grounding", "heldout_scenes", "images_to_tensor", "main", "train"]
+__all__ = ["CAPTION_STYLES", "TRAIN_SEED_OFFSET", "evaluate_grounding", "heldout_scenes", "images_to_tensor",
+           "main", "train", "training_caption"]
 
 TRAIN_SEED_OFFSET = 10**6
 
@@ -63,9 +67,43 @@ def heldout_scenes(n: int, size: int) -> list[Scene]:
     return [ShapesWorld(i, size).sample() for i in range(n)]
 
 
-def _batch(step: int, batch: int, size: int) -> list[Scene]:
+def _batch(step: int, batch: int, size: int, same_colour: float = 0.0) -> list[Scene]:
     base = TRAIN_SEED_OFFSET + step * batch
-    return [ShapesWorld(base + i, size).sample() for i in range(batch)]
+    return [ShapesWorld(base + i, size, same_colour=same_colour).sample() for i in range(batch)]
+
+
+#: Caption styles of :func:`training_caption`.
+CAPTION_STYLES = ("world", "mixed", "varied")
+
+
+def training_caption(scene: Scene, rng: np.random.Generator, style: str = "world", drop_colour: float = 0.25) -> str:
+    """The caption a training scene is shown with.
+
+    ``"world"``: always the world's sentence (``"red circle and blue square on background"``, drawing
+    order). ``"mixed"``: that sentence half of the time; otherwise the object names in a random order,
+    as a sentence (``"blue square and red circle on background"``) or as a bare name list with
+    "background" at a random place or absent (``"blue square background red circle"``) — the form a
+    segmentation prompt takes (class names joined by spaces). Every word still names what is in the
+    image; only the order and the glue words vary, so each word must carry its own meaning.
+    ``"varied"``: as ``"mixed"``, and each object is named by its shape alone (``"circle"``) with
+    probability ``drop_colour``: then only a shape word describes it, and an image token can find that
+    word only by its shape, not its colour."""
+    if style == "world":
+        return scene.caption
+    if style not in CAPTION_STYLES:
+        raise ValueError(f"unknown caption style {style!r}; use one of {CAPTION_STYLES}")
+    names = list(scene.object_classes)
+    if style == "varied":
+        names = [n.split()[1] if rng.random() < drop_colour else n for n in names]
+    u = rng.random()
+    if u < 0.5:  # the world's sentence (drawing order)
+        return " and ".join(names) + " on background"
+    names = [names[i] for i in rng.permutation(len(names))]
+    if u < 0.7:
+        return " and ".join(names) + " on background"
+    if u < 0.85:
+        names.insert(int(rng.integers(0, len(names) + 1)), "background")
+    return " ".join(names)
 
 
 @torch.no_grad()
@@ -109,12 +147,12 @@ def train_vae(pipe: Any, steps: int, size: int, lr: float = 2e-3, batch: int = 3
 
 
 def fm_loss(pipe: Any, scenes: list[Scene], captions: list[str], gen: torch.Generator, t5_length: int,
-            sigma: torch.Tensor | None = None) -> torch.Tensor:
-    """SD3 flow-matching loss of one batch (σ logit-normal unless given)."""
+            sigma: torch.Tensor | None = None, sigma_mean: float = 0.0, sigma_std: float = 1.0) -> torch.Tensor:
+    """SD3 flow-matching loss of one batch (σ = sigmoid(N(sigma_mean, sigma_std)) unless given)."""
     x0 = _encode_latents(pipe.vae, images_to_tensor(scenes))
     b = x0.shape[0]
     if sigma is None:
-        sigma = torch.sigmoid(torch.randn(b, generator=gen))
+        sigma = torch.sigmoid(sigma_mean + sigma_std * torch.randn(b, generator=gen))
     noise = torch.randn(x0.shape, generator=gen)
     s = sigma.view(b, 1, 1, 1)
     x_t = (1.0 - s) * x0 + s * noise
@@ -139,6 +177,9 @@ def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int
     rng = np.random.default_rng(0)
     for proto, sc in (("A", a_scenes), ("B", scenes)):
         meters = [MeanIoU(k) for _ in layers]
+        # protocol A split: scenes whose objects all differ in colour (a colour word tells them apart) and
+        # scenes where two share a colour (only the shape words do)
+        split = {True: [MeanIoU(k) for _ in layers], False: [MeanIoU(k) for _ in layers]}
         base = MeanIoU(k)
         if not sc:
             continue
@@ -147,6 +188,8 @@ def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int
         for s, cls, r in zip(sc, names, res):
             gt = s.global_label_map()
             lut = np.array([CLASSES.index(c) for c in cls])
+            colours = [c.split()[0] for c in s.object_classes]
+            distinct = len(set(colours)) == len(colours)
             if proto == "A":
                 gt = np.where(s.label_map == 0, 255, gt)
                 base.update(lut[rng.integers(0, len(cls), size=gt.shape)], gt)
@@ -154,8 +197,15 @@ def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int
                 base.update(np.zeros_like(gt), gt)
             for j, layer in enumerate(layers):
                 meters[j].update(lut[r[layer].label_map], gt)
+                if proto == "A":
+                    split[distinct][j].update(lut[r[layer].label_map], gt)
         out[proto] = [round(m.compute()["mIoU"], 2) for m in meters]
         out[f"{proto}_baseline"] = round(base.compute()["mIoU"], 2)
+        if proto == "A":
+            for key, flag in (("A_distinct_colours", True), ("A_shared_colour", False)):
+                out[key] = [round(m.compute()["mIoU"], 2) for m in split[flag]]
+                out[f"n_{key}"] = sum((len({c.split()[0] for c in s.object_classes}) == len(s.object_classes)) == flag
+                                      for s in sc)
     out.update(attention_budget(seg, scenes[:16]))
     return out
 
@@ -231,7 +281,9 @@ def train(out: str, steps: int = 3000, resume: bool = False, batch: int = 32, lr
           weight_decay: float = 0.01, caption_dropout: float = 0.3, ckpt_every: int = 100, eval_scenes: int = 64,
           vae_steps: int = 300, config: ShapesConfig | None = None, seed: int = 0, evaluate: bool = True,
           progress: bool = True, save_pipeline_every_ckpt: bool = True, vae_stat_images: int = 512,
-          vae_batch: int = 32, lr_schedule: str = "constant", warmup: int = 0, stop_after: int | None = None) -> Any:
+          vae_batch: int = 32, lr_schedule: str = "constant", warmup: int = 0, stop_after: int | None = None,
+          caption_style: str = "world", sigma_mean: float = 0.0, sigma_std: float = 1.0,
+          same_colour: float = 0.0) -> Any:
     """Run (or resume) a training of ``steps`` steps; returns the pipeline. See the module docs.
 
     ``stop_after``: stop (with a checkpoint) after that many steps, as an interrupted run would; the
@@ -253,7 +305,9 @@ def train(out: str, steps: int = 3000, resume: bool = False, batch: int = 32, lr
     else:
         cfg = config or ShapesConfig(seed=seed)
         targs = {"batch": batch, "lr": lr, "weight_decay": weight_decay, "caption_dropout": caption_dropout,
-                 "vae_steps": vae_steps, "seed": seed, "lr_schedule": lr_schedule, "warmup": warmup}
+                 "vae_steps": vae_steps, "seed": seed, "lr_schedule": lr_schedule, "warmup": warmup,
+                 "caption_style": caption_style, "sigma_mean": sigma_mean, "sigma_std": sigma_std,
+                 "same_colour": same_colour}
     pipe = build_pipeline(cfg)
     params = trainable_parameters(pipe)
     opt = torch.optim.AdamW(params, lr=targs["lr"], weight_decay=targs["weight_decay"], betas=(0.9, 0.99))
@@ -318,10 +372,13 @@ def train(out: str, steps: int = 3000, resume: bool = False, batch: int = 32, lr
     for step in range(start, end):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, targs["lr"], targs.get("lr_schedule", "constant"), targs.get("warmup", 0))
-        scenes = _batch(step, targs["batch"], cfg.size)
+        scenes = _batch(step, targs["batch"], cfg.size, targs.get("same_colour", 0.0))
         drop = torch.rand(len(scenes), generator=gen) < p_drop
-        captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
-        loss = fm_loss(pipe, scenes, captions, gen, cfg.t5_length)
+        cap_rng = np.random.default_rng((targs["seed"], step))  # a function of the step: resume-safe
+        captions = ["" if d else training_caption(s, cap_rng, targs.get("caption_style", "world"))
+                    for s, d in zip(scenes, drop.tolist())]
+        loss = fm_loss(pipe, scenes, captions, gen, cfg.t5_length, sigma_mean=targs.get("sigma_mean", 0.0),
+                       sigma_std=targs.get("sigma_std", 1.0))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -355,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
     ap.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps")
     ap.add_argument("--caption-dropout", type=float, default=0.3)
+    ap.add_argument("--caption-style", default="world", choices=list(CAPTION_STYLES),
+                    help="world: the world's sentence; mixed: also shuffled names and bare name lists")
+    ap.add_argument("--same-colour", type=float, default=0.0,
+                    help="share of training scenes whose objects all have one colour (shape words decide)")
+    ap.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal σ sampling: mean of the logit")
+    ap.add_argument("--sigma-std", type=float, default=1.0, help="logit-normal σ sampling: std of the logit")
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--eval-scenes", type=int, default=64)
     ap.add_argument("--vae-steps", type=int, default=300)
@@ -364,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=16)
     ap.add_argument("--qk-norm", default=None, choices=[None, "rms_norm"])
     ap.add_argument("--text-dim", type=int, default=32)
+    ap.add_argument("--text-layers", type=int, default=1, help="CLIP layers (2: causal word mixing, as CLIP)")
     ap.add_argument("--t5-length", type=int, default=77)
     ap.add_argument("--clip-length", type=int, default=77, help="CLIP positions (tokenizer length)")
     ap.add_argument("--size", type=int, default=32)
@@ -374,12 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = ShapesConfig(size=a.size, num_layers=a.layers, heads=a.heads, head_dim=a.head_dim, qk_norm=a.qk_norm,
-                       text_dim=a.text_dim, t5_length=a.t5_length, clip_length=a.clip_length,
+                       text_dim=a.text_dim, text_layers=a.text_layers, t5_length=a.t5_length, clip_length=a.clip_length,
                        seed=a.seed)
     train(a.out, steps=a.steps, resume=a.resume, batch=a.batch, lr=a.lr, weight_decay=a.weight_decay,
           caption_dropout=a.caption_dropout, ckpt_every=a.ckpt_every, eval_scenes=a.eval_scenes,
           vae_steps=a.vae_steps, config=cfg, seed=a.seed, evaluate=not a.no_eval, progress=not a.no_progress,
-          lr_schedule=a.lr_schedule, warmup=a.warmup)
+          lr_schedule=a.lr_schedule, warmup=a.warmup, caption_style=a.caption_style, sigma_mean=a.sigma_mean,
+          sigma_std=a.sigma_std, same_colour=a.same_colour)
     return 0
 
 

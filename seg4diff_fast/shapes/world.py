@@ -111,10 +111,13 @@ class ShapesWorld:
         min_objects, max_objects: objects per scene (1–3).
         min_radius, max_radius: half-extent of an object as a fraction of ``size``.
         min_visible: least visible fraction of an object's own area (else it is re-placed, then dropped).
+        same_colour: probability that all objects of a scene share one colour (distinct shapes), so that
+            only the shape words tell them apart. 0 (the default) leaves the stream unchanged.
     """
 
     def __init__(self, seed: int = 0, size: int = 32, min_objects: int = 1, max_objects: int = 3,
-                 min_radius: float = 0.14, max_radius: float = 0.28, min_visible: float = 0.5):
+                 min_radius: float = 0.14, max_radius: float = 0.28, min_visible: float = 0.5,
+                 same_colour: float = 0.0):
         if not 1 <= min_objects <= max_objects <= len(CLASSES) - 1:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(CLASSES) - 1}")
         if size < 8:
@@ -126,13 +129,20 @@ class ShapesWorld:
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.min_radius, self.max_radius = float(min_radius), float(max_radius)
         self.min_visible = float(min_visible)
+        if not 0.0 <= same_colour <= 1.0:
+            raise ValueError(f"same_colour must be a probability, got {same_colour}")
+        self.same_colour = float(same_colour)
 
     def sample(self) -> Scene:
         """The next scene of this world's stream."""
         rng, size = self.rng, self.size
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         pairs = [(c, s) for c in COLORS for s in SHAPES]
-        chosen = [pairs[i] for i in rng.choice(len(pairs), size=n, replace=False)]
+        if self.same_colour and rng.random() < self.same_colour:
+            colour = list(COLORS)[int(rng.integers(len(COLORS)))]
+            chosen = [(colour, SHAPES[i]) for i in rng.permutation(len(SHAPES))[:n]]
+        else:
+            chosen = [pairs[i] for i in rng.choice(len(pairs), size=n, replace=False)]
         owner = np.full((size, size), -1, dtype=np.int64)  # index into `placed`, -1 background
         placed: list[tuple[str, str, tuple[float, float, float, float], int]] = []
         for color, shape in chosen:

@@ -1,0 +1,120 @@
+"""The shipped ShapesWorld pipeline: zero-shot quality at the expert layer (protocols A and B beside their
+trivial baselines, on held-out scenes), a stable expert layer, generation that follows the caption, and a
+short MAGNET run on a weak block (mask loss falls, that block's mIoU rises).
+
+Thresholds sit below the values measured on the shipped weights (README, "ShapesWorld"), with margin."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from seg4diff_fast.shapes import EXPERT_LAYER, SIZE, T5_LENGTH
+from seg4diff_fast.shapes.train import evaluate_grounding, heldout_scenes
+
+# measured on the shipped weights with 200 held-out scenes (README, "ShapesWorld"): A 70.0, B 48.2, and A on
+# the scenes whose objects differ in colour 89.1; each threshold is that minus a margin
+MIN_A, MIN_B, MIN_A_DISTINCT = 62.0, 40.0, 82.0
+WEAK_LAYER = 2  # a block that grounds poorly zero-shot (A 26.1, B 17.5): MAGNET's target
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from seg4diff_fast.shapes import load_pipeline
+
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def sweep(pipe):
+    torch.set_num_threads(1)  # a tiny model: threads only add overhead
+    return evaluate_grounding(pipe, heldout_scenes(200, SIZE), SIZE, t5_length=T5_LENGTH)
+
+
+def test_zero_shot_quality_at_the_expert_layer(sweep):
+    assert sweep["n_A"] >= 100 and sweep["n_B"] == 200
+    a, b = sweep["A"][EXPERT_LAYER], sweep["B"][EXPERT_LAYER]
+    assert a >= MIN_A and a >= sweep["A_baseline"] + 25, (a, sweep["A_baseline"])
+    assert b >= MIN_B and b >= sweep["B_baseline"] + 20, (b, sweep["B_baseline"])
+    # the issue's A >= 80 holds where a colour word tells the objects apart; where two objects share a colour
+    # only the shape words can, and they do not ground (README): that part stays far lower
+    assert sweep["n_A_distinct_colours"] >= 80
+    assert sweep["A_distinct_colours"][EXPERT_LAYER] >= MIN_A_DISTINCT, sweep["A_distinct_colours"]
+    assert sweep["A_shared_colour"][EXPERT_LAYER] < sweep["A_distinct_colours"][EXPERT_LAYER]
+
+
+def test_expert_layer_is_the_sweep_best_and_stable_across_seeds(pipe, sweep):
+    """Protocol A's best block is EXPERT_LAYER on the fixed held-out set, and again with other noise seeds
+    on other held-out scenes."""
+    from seg4diff_fast import Seg4DiffSegmenter
+    from seg4diff_fast.eval import MeanIoU
+    from seg4diff_fast.shapes import CLASSES, ShapesWorld
+
+    assert int(np.argmax(sweep["A"])) == EXPERT_LAYER
+    n_layers = len(sweep["A"])
+    for seed in (1, 2):
+        scenes = [s for s in (ShapesWorld(500 + 1000 * seed + i, SIZE).sample() for i in range(160))
+                  if len(s.object_classes) >= 2]
+        seg = Seg4DiffSegmenter(pipe, layer=list(range(n_layers)), seed=seed, batch_size=32)
+        res = seg([s.image for s in scenes], classes=[s.object_classes for s in scenes], per_layer=True)
+        meters = [MeanIoU(len(CLASSES)) for _ in range(n_layers)]
+        for s, r in zip(scenes, res):
+            gt = np.where(s.label_map == 0, 255, s.global_label_map())
+            lut = np.array([CLASSES.index(c) for c in s.object_classes])
+            for j in range(n_layers):
+                meters[j].update(lut[r[j].label_map], gt)
+        per_layer = [m.compute()["mIoU"] for m in meters]
+        assert int(np.argmax(per_layer)) == EXPERT_LAYER, (seed, per_layer)
+
+
+def test_generation_puts_the_named_colour_in_the_objects_own_mask(pipe):
+    from seg4diff_fast.shapes.magnet_check import generation_grounding
+
+    g = generation_grounding(pipe, EXPERT_LAYER, n=8, steps=12)
+    assert g["gen_mask_colour_acc"] >= 0.75, g  # chance 0.25
+
+
+def test_magnet_short_run_lifts_a_weak_block(tmp_path):
+    """A short MAGNET run on block WEAK_LAYER: the mask loss falls and that block's mIoU rises."""
+    from seg4diff_fast.magnet import MagnetConfig, ShapesMagnetData, train_magnet
+    from seg4diff_fast.shapes import load_pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline()
+    scenes = heldout_scenes(64, SIZE)
+    before = evaluate_grounding(pipe, scenes, SIZE, t5_length=T5_LENGTH)
+    cfg = MagnetConfig(layer=WEAK_LAYER, max_steps=150, batch_size=16, lr=3e-3, warmup_steps=5, resolution=SIZE,
+                       log_every=1, checkpoint_every=1000, seed=0)
+    train_magnet(pipe, ShapesMagnetData(2000, include_background=True), cfg, str(tmp_path), progress=False)
+    log = [json.loads(line) for line in open(os.path.join(tmp_path, "log.jsonl"))]
+    mask = [r["focal"] * 0.1 + r["dice"] * 0.2 for r in log]
+    assert np.mean(mask[-10:]) < 0.6 * np.mean(mask[:10]), (mask[:10], mask[-10:])  # measured 0.39×
+    after = evaluate_grounding(pipe, scenes, SIZE, t5_length=T5_LENGTH)
+    lift = after["B"][WEAK_LAYER] - before["B"][WEAK_LAYER]
+    assert lift >= 5.0, (before["B"], after["B"])  # measured +8.9 (the 1200-step run in the README: +26.7)
+
+
+def test_the_shipped_facts_and_the_plain_segmenter_call(pipe):
+    """The weights carry the facts the package states, and the issue's plain call
+    ``Seg4DiffSegmenter(load_pipeline(), layer=EXPERT_LAYER, resolution=SIZE)`` reads the model's own text
+    layout and segments held-out scenes with either class list (measured on these 100 scenes: mIoU with
+    background prompted 47, object pixels right with the object classes alone 89 %)."""
+    from seg4diff_fast import MeanIoU, Seg4DiffSegmenter
+    from seg4diff_fast.shapes import CLASSES, WEIGHTS_DIR
+
+    with open(os.path.join(WEIGHTS_DIR, "shapes_config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["expert_layer"], cfg["t5_length"], cfg["size"]) == (EXPERT_LAYER, T5_LENGTH, SIZE)
+    scenes = heldout_scenes(100, SIZE)
+    seg = Seg4DiffSegmenter(pipe, layer=EXPERT_LAYER, resolution=SIZE)
+    assert seg.t5_length == T5_LENGTH
+    meter = MeanIoU(len(CLASSES))
+    for r, s in zip(seg([s.image for s in scenes], classes=[s.classes for s in scenes]), scenes):
+        meter.update(np.array([CLASSES.index(c) for c in s.classes])[r.label_map], s.global_label_map())
+    res = seg([s.image for s in scenes], classes=[s.object_classes for s in scenes])
+    fg = np.mean([(r.label_map + 1 == s.label_map)[s.label_map > 0].mean() for r, s in zip(res, scenes)])
+    assert meter.compute()["mIoU"] >= 40 and fg >= 0.8, (meter.compute()["mIoU"], fg)
