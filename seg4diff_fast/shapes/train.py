@@ -180,6 +180,7 @@ def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int
         # protocol A split: scenes whose objects all differ in colour (a colour word tells them apart) and
         # scenes where two share a colour (only the shape words do)
         split = {True: [MeanIoU(k) for _ in layers], False: [MeanIoU(k) for _ in layers]}
+        split_n = {True: 0, False: 0}
         base = MeanIoU(k)
         if not sc:
             continue
@@ -191,6 +192,7 @@ def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int
             colours = [c.split()[0] for c in s.object_classes]
             distinct = len(set(colours)) == len(colours)
             if proto == "A":
+                split_n[distinct] += 1
                 gt = np.where(s.label_map == 0, 255, gt)
                 base.update(lut[rng.integers(0, len(cls), size=gt.shape)], gt)
             else:
@@ -204,8 +206,7 @@ def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int
         if proto == "A":
             for key, flag in (("A_distinct_colours", True), ("A_shared_colour", False)):
                 out[key] = [round(m.compute()["mIoU"], 2) for m in split[flag]]
-                out[f"n_{key}"] = sum((len({c.split()[0] for c in s.object_classes}) == len(s.object_classes)) == flag
-                                      for s in sc)
+                out[f"n_{key}"] = split_n[flag]
     out.update(attention_budget(seg, scenes[:16]))
     return out
 
