@@ -92,10 +92,11 @@ def build_pipeline(args):
 
 def paper_segment(seg: Seg4DiffSegmenter, image: torch.Tensor, classes: list[str]):
     """The authors' way on the same model and inputs: full forward, materialised capture, K×H×W upsample."""
-    tensors, sizes = seg._prepare([image])
-    latents = seg.latents(tensors)
-    chunk = plan_prompts(classes, seg.pipe.tokenizer)[0]
-    embeds, pooled = seg.encode_text([chunk.prompt])
+    reader = seg.reader
+    tensors, sizes = reader.prepare([image])
+    latents = reader.latents(tensors)
+    chunk = reader.token_positions(classes)[0]
+    text = reader.encode_text([chunk.prompt])
     tr = seg.transformer
     layer = seg.layers[0]
     attn = tr.transformer_blocks[layer].attn
@@ -104,8 +105,7 @@ def paper_segment(seg: Seg4DiffSegmenter, image: torch.Tensor, classes: list[str
     attn.set_processor(MaterializedJointAttnProcessor(store))
     try:
         with torch.no_grad():
-            tr(hidden_states=latents, timestep=seg._timestep.expand(1).to(latents.device),
-               encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)
+            reader.forward(tr, latents, text, reader.timestep.expand(1).to(latents.device))
     finally:
         attn.set_processor(stock)
     h = w = seg.resolution // seg.vae_scale // seg.patch

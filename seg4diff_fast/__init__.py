@@ -32,6 +32,7 @@ from .label import label_images
 from .ops.joint_attention import joint_attention
 from .ops.upsample_argmax import upsample_argmax
 from .segment import Seg4DiffSegmenter
+from .utils.version import __version__ as __version__
 
 __all__ = [
     "joint_attention",
@@ -46,7 +47,6 @@ __all__ = [
     "train_magnet",
     "load_magnet_lora",
 ]
-__version__ = "0.1.0"
 
 _MAGNET = ("MagnetConfig", "train_magnet", "load_magnet_lora")
 

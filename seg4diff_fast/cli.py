@@ -18,7 +18,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .utils.version import __version__
 
 # name -> module implementing HELP, add_arguments(parser), run(args).
 COMMANDS: dict[str, str] = {
@@ -29,11 +29,6 @@ COMMANDS: dict[str, str] = {
     "magnet": "seg4diff_fast.cli_magnet",
     "layers": "seg4diff_fast.cli_layers",
 }
-
-
-def register(name: str, module: str) -> None:
-    """Add (or replace) a subcommand implemented by ``module`` (a dotted module path)."""
-    COMMANDS[name] = module
 
 
 def build_parser() -> argparse.ArgumentParser:

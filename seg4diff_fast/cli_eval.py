@@ -15,8 +15,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 HELP = "evaluate zero-shot / unsupervised segmentation on a benchmark (mIoU, per-class table, results.json)"
@@ -81,8 +79,10 @@ def _table(result: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from .eval.datasets import DATASETS, SegDataset, load_classnames
     from .eval.runner import evaluate
-    from .models import ModelNotAvailableError, load_pipeline, model_defaults, quiet_loading
+    from .models import ModelNotAvailableError, load_pipeline, quiet_loading
+    from .reader import PipelineReader
     from .segment import Seg4DiffSegmenter
+    from .utils.files import write_json
 
     if args.dataset is None:
         return _fail(f"--dataset is required (one of {', '.join(DATASET_CHOICES)})")
@@ -100,18 +100,13 @@ def run(args: argparse.Namespace) -> int:
             return _fail("--limit must be >= 1")
         quiet_loading()
         pipe = load_pipeline(args.model, args.dtype, args.device)
-        n = len(pipe.transformer.transformer_blocks)
-        layers = args.layers if args.layers is not None else [model_defaults(pipe)["layer"]]
+        reader = PipelineReader(pipe, num_inference_steps=args.steps, noise_step=args.noise_step,
+                                resolution=args.resolution, seed=args.seed)
+        layers = args.layers if args.layers is not None else [reader.defaults.layer]
         if layers != "all":
-            bad = [x for x in layers if not 0 <= x < n]
-            if bad or not layers:
-                return _fail(f"layer(s) {bad or layers} out of range: this model has {n} blocks (0..{n - 1})")
-        segmenter = Seg4DiffSegmenter(
-            pipe, layer=layers if layers != "all" else list(range(n)), num_inference_steps=args.steps,
-            noise_step=args.noise_step, resolution=args.resolution, seed=args.seed,
-            short_side=args.pre_resize or None, batch_size=args.batch_size,
-            early_exit=True,
-        )
+            layers = list(reader.check_layers(layers, "--layers"))
+        segmenter = Seg4DiffSegmenter(reader, layer=layers if layers != "all" else list(range(reader.num_layers)),
+                                      short_side=args.pre_resize or None, batch_size=args.batch_size)
         result = evaluate(segmenter, dataset, protocol=protocol, gt_only=args.gt_only_prompt,
                           layers="all" if layers == "all" else None, limit=args.limit, batch_size=args.batch_size,
                           threshold=args.threshold, power=args.power, progress=not args.no_progress)
@@ -130,11 +125,6 @@ def run(args: argparse.Namespace) -> int:
         print("mIoU per layer: " + ", ".join(f"{k}: {'n/a' if v is None else f'{v:.2f}'}"
                                              for k, v in result["per_layer"].items()))
         print(f"best layer: {result['layer']}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.out)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0

@@ -16,7 +16,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -45,8 +44,10 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .eval.layers import attention_block_mass, format_layer_table, layer_sweep, write_layer_report
+    from .eval.layers import attention_block_mass, format_layer_table, write_layer_report
     from .models import ModelNotAvailableError, default_model_path, load_pipeline, quiet_loading
+    from .reader import MODEL_CONFIG_FILE, resolve_defaults
+    from .shapes.grounding import layer_sweep
     from .shapes.train import heldout_scenes
     from .shapes.world import ShapesWorld
 
@@ -68,14 +69,13 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except (OSError, ValueError) as e:
         return _fail(f"cannot load the model {args.model!r}: {e}")
-    shapes_cfg = os.path.join(path, "shapes_config.json")
-    shapes = os.path.isfile(shapes_cfg)
+    defaults = resolve_defaults(pipe)
+    shapes = defaults.source.endswith(MODEL_CONFIG_FILE)  # a ShapesWorld model: its held-out scenes are labelled
     kw = {"resolution": args.resolution, "seed": args.seed, "batch_size": args.batch_size}
     result: dict = {"model": path}
     try:
         if shapes:
-            with open(shapes_cfg) as f:
-                size = int(json.load(f).get("size", 32))
+            size = defaults.resolution
             mass_scenes = heldout_scenes(args.mass_scenes, size)
             result["mass"] = attention_block_mass(pipe, [s.image for s in mass_scenes],
                                                   [s.caption for s in mass_scenes], **kw)

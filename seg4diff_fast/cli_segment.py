@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .models import ModelNotAvailableError, load_pipeline, quiet_loading
-    from .segment import Seg4DiffSegmenter, plan_prompts
+    from .segment import Seg4DiffSegmenter
 
     if not args.images:
         return _fail("give at least one image: seg4diff-fast segment IMG... --classes \"a,b\" --out DIR")
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args.model, args.dtype, args.device)
         seg = Seg4DiffSegmenter(pipe, layer=args.layer, resolution=args.resolution, seed=args.seed,
                                 batch_size=args.batch_size, split_dash=not args.keep_dashes)
-        plan_prompts(classes, pipe.tokenizer, split_dash=not args.keep_dashes)  # bad names fail before any work
+        seg.plan(classes)  # bad names fail before any work
         results = seg(images, classes)
     except (ValueError, TypeError, ModelNotAvailableError, OSError) as e:
         return _fail(str(e))

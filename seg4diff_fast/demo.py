@@ -68,7 +68,7 @@ def check_core_op(seed: int = 0) -> dict[str, Any]:
     HEAD_DIM): the largest differences of the output and of the captured maps, times, and ``ok``."""
     import torch
 
-    from . import joint_attention
+    from .ops.joint_attention import joint_attention
 
     n = N_IMG + N_TXT
     gen = torch.Generator().manual_seed(seed)
@@ -195,36 +195,21 @@ def segment_scenes(seg: Any, demo: list[Any], layers: list[int], expert: int, ou
         (per-scene records, ``{"n_A", "n_B", "A": [mIoU per layer], "A_baseline", "B": [...], "B_baseline"}``;
         mIoU in percent over :data:`~seg4diff_fast.shapes.CLASSES`, dataset-level).
     """
-    import numpy as np
     from tqdm import tqdm
 
-    from .eval.metrics import MeanIoU
     from .shapes import CLASSES
+    from .shapes.grounding import GroundingScore, protocol_rows
     from .utils.files import atomic_write, palette
 
-    k = len(CLASSES)
-    colours_all = palette(k)
-    meters = {p: [MeanIoU(k) for _ in layers] for p in ("A", "B")}
-    base = {p: MeanIoU(k) for p in ("A", "B")}
-    rng = np.random.default_rng(seed)
-    n_a = 0
+    colours_all = palette(len(CLASSES))
+    score = GroundingScore(list(range(len(layers))), seed=seed)
     scenes_out = []
     for d in tqdm(demo, desc="segment", unit="image", delay=2.0, file=sys.stderr):
         s = d.scene
-        gt = s.global_label_map()
-        protocols = [("B", s.classes, gt)]
-        if len(s.object_classes) >= 2:
-            protocols.append(("A", s.object_classes, np.where(s.label_map == 0, 255, gt)))
-            n_a += 1
-        for proto, names, target in protocols:
-            lut = np.array([CLASSES.index(c) for c in names])
+        for proto, names in protocol_rows(s):
             res = seg([s.image], classes=[list(names)], per_layer=True)[0]
-            for j, layer in enumerate(layers):
-                meters[proto][j].update(lut[res[layer].label_map], target)
-            if proto == "A":
-                base["A"].update(lut[rng.integers(0, len(names), size=target.shape)], target)
-            else:
-                base["B"].update(np.zeros_like(gt), gt)
+            score.add(s, proto, names, {j: res[layer].label_map for j, layer in enumerate(layers)})
+            if proto == "B":
                 pred = res[expert].label_map
         overlay = os.path.join(out, f"{d.name}_overlay.png")
         colours = [colours_all[CLASSES.index(c)] for c in s.classes]
@@ -234,10 +219,10 @@ def segment_scenes(seg: Any, demo: list[Any], layers: list[int], expert: int, ou
         scenes_out.append({"name": d.name, "seed": d.seed, "caption": s.caption, "classes": list(s.classes),
                            "pixel_accuracy": float((pred == s.label_map).mean() * 100.0),
                            "overlay": os.path.basename(overlay)})
-    miou: dict[str, Any] = {"n_A": n_a, "n_B": len(demo)}
+    miou: dict[str, Any] = {"n_A": score.counts["A"], "n_B": len(demo)}
     for p in ("A", "B"):
-        miou[p] = [m.compute()["mIoU"] for m in meters[p]]
-        miou[f"{p}_baseline"] = base[p].compute()["mIoU"]
+        miou[p] = list(score.miou(p).values())
+        miou[f"{p}_baseline"] = score.baseline_miou(p)
     return scenes_out, miou
 
 
@@ -251,12 +236,13 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import torch
 
-    from . import __version__
-    from .models import ModelNotAvailableError, load_pipeline, model_defaults, quiet_loading
+    from .models import ModelNotAvailableError, load_pipeline, quiet_loading
     from .ops.upsample_argmax import has_cpp_extension
+    from .reader import PipelineReader
     from .segment import Seg4DiffSegmenter
     from .shapes.demo_data import DEMO_DIR, load_demo_scenes
     from .utils.files import atomic_write, write_json
+    from .utils.version import __version__
 
     try:
         demo = load_demo_scenes(DEMO_DIR)
@@ -282,18 +268,18 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(comp, torch.nn.Module):
             comp.eval().requires_grad_(False)
     load_s = time.perf_counter() - t0
-    defaults = model_defaults(pipe)
-    num_layers = len(pipe.transformer.transformer_blocks)
+    reader = PipelineReader(pipe, seed=args.seed)
+    num_layers = reader.num_layers
     layers = list(range(num_layers))
-    expert = defaults["layer"] if args.layer is None else int(args.layer)
-    if not 0 <= expert < num_layers:
-        return _fail(f"--layer {expert} is out of range: this transformer has {num_layers} blocks "
-                     f"(0..{num_layers - 1})")
-    seg = Seg4DiffSegmenter(pipe, layer=layers, seed=args.seed)
+    try:
+        (expert,) = reader.check_layers(reader.defaults.layer if args.layer is None else int(args.layer), "--layer")
+    except ValueError as e:
+        return _fail(str(e))
+    seg = Seg4DiffSegmenter(reader, layer=layers)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     threads = 1 if n_params < TINY_PARAMS else torch.get_num_threads()
     print(f"model: {args.model or pipe.name_or_path} ({num_layers} blocks, {n_params / 1e6:.2f} M parameters, expert "
-          f"block {defaults['layer']}, resolution {seg.resolution}, {seg.t5_length} T5 positions, t = "
+          f"block {reader.defaults.layer}, resolution {seg.resolution}, {seg.t5_length} T5 positions, t = "
           f"{seg.timestep:.0f}), loaded in {load_s:.1f} s; segmenting on {threads} thread(s)")
 
     os.makedirs(args.out, exist_ok=True)
@@ -325,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
         "num_layers": num_layers,
         "layers": layers,
         "layer": expert,
-        "model_expert_layer": defaults["layer"],
+        "model_expert_layer": reader.defaults.layer,
         "resolution": seg.resolution,
         "t5_length": seg.t5_length,
         "timestep": seg.timestep,

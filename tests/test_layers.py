@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from seg4diff_fast import cli
-from seg4diff_fast.eval.layers import SHARES, attention_block_mass, layer_sweep, write_layer_report
+from seg4diff_fast.eval.layers import SHARES, attention_block_mass, write_layer_report
 from seg4diff_fast.eval.metrics import MeanIoU
+from seg4diff_fast.reader import PipelineReader
 from seg4diff_fast.segment import Seg4DiffSegmenter
+from seg4diff_fast.shapes.grounding import layer_sweep
 from seg4diff_fast.testing import record_stock_attention, tiny_sd3_pipeline, tiny_sd35_pipeline
 
 PROMPTS = ["a cat on a red sofa", "dog", "red car and grass"]
@@ -36,14 +38,14 @@ def scenes():
 def _reference_mass(pipe, images, prompts) -> np.ndarray:
     """(L, H, 4) from softmax(q kᵀ/√d) materialised in float64 on the stock processors' q, k, with the
     segmenter's own inputs."""
-    seg = Seg4DiffSegmenter(pipe, layer=0, resolution=32)
-    tensors, _ = seg._prepare(images)
-    latents = seg.latents(tensors)
-    embeds, pooled = seg.encode_text(prompts)
+    reader = PipelineReader(pipe, resolution=32)
+    tensors, _ = reader.prepare(images)
+    latents = reader.latents(tensors)
+    text = reader.encode_text(prompts)
     tr = pipe.transformer
     with record_stock_attention(tr) as rec, torch.no_grad():
-        tr(hidden_states=latents, timestep=seg._timestep.expand(len(images)), encoder_hidden_states=embeds,
-           pooled_projections=pooled)
+        tr(hidden_states=latents, timestep=reader.timestep.expand(len(images)), encoder_hidden_states=text.embeds,
+           pooled_projections=text.pooled)
     n_img = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
     out = []
     for b in range(len(tr.transformer_blocks)):

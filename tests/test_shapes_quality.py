@@ -72,7 +72,7 @@ def test_expert_layer_is_the_sweep_best_and_stable_across_seeds(pipe, sweep):
 
 
 def test_generation_puts_the_named_colour_in_the_objects_own_mask(pipe):
-    from seg4diff_fast.shapes.magnet_check import generation_grounding
+    from seg4diff_fast.shapes.grounding import generation_grounding
 
     g = generation_grounding(pipe, EXPERT_LAYER, n=8, steps=12)
     assert g["gen_mask_colour_acc"] >= 0.75, g  # chance 0.25

@@ -15,6 +15,7 @@ import weakref
 import torch
 
 from ..ops.joint_attention import joint_attention
+from .mass import attention_with_text_mass
 from .state import CallInfo, FastCapture
 
 
@@ -91,19 +92,26 @@ class FastFluxAttnProcessor:
         else:
             backend = capture.backend if capture is not None else None
             qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
-            if capturing:
+            measuring = info is not None and capture is not None and capture.measure_mass
+            out = None
+            if capturing or measuring:
                 n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else info.n_txt
                 if n_txt != info.n_txt or n_txt + info.n_img > q.shape[1]:
                     raise RuntimeError(
                         f"fast capture: block {self.layer} sees {q.shape[1]} tokens ({n_txt} text) but the call "
                         f"has {info.n_txt} text tokens and an image grid {info.grid}"
                     )
-                out, maps = joint_attention(
+            if measuring:
+                out, part = attention_with_text_mass(qh, kh, vh, info, backend)
+                capture.record_mass(self.layer, part, info)
+            if capturing:
+                o, maps = joint_attention(
                     qh, kh, vh, capture_cols=info.cols(q.device), capture_rows=info.rows,
                     mode=capture.mode, head_reduce=capture.head_reduce, backend=backend,
                 )
+                out = o if out is None else out
                 capture.record(self.slot, maps, info)
-            else:
+            if out is None:
                 out, _ = joint_attention(qh, kh, vh, backend=backend)
             out = out.transpose(1, 2)  # (B, N, H, D)
         out = out.flatten(2, 3).to(q.dtype)

@@ -78,6 +78,12 @@ def num_layers(family: str, transformer: torch.nn.Module) -> int:
     return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
 
 
+def count_layers(pipe: Any) -> int:
+    """Number of capturable blocks of a supported pipeline or transformer (Flux: double + single stream)."""
+    family, _, transformer = _resolve(pipe)
+    return num_layers(family, transformer)
+
+
 def _stock_processor_types(family: str) -> tuple[type, ...]:
     if family == "sd3":
         from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
@@ -98,21 +104,45 @@ def _as_int(x: Any) -> Any:
         return x
 
 
-def _check_args(family, transformer, layers, tokens, mode, head_reduce, steps):
+def check_layers(pipe: Any, layers: Any, who: str = "") -> tuple[int, ...]:
+    """Block indices as a tuple of ints after one range / duplicate check (the only one in the package).
+
+    Args:
+        pipe: a supported pipeline or bare transformer (its block count is the range).
+        layers: one index or an iterable of them (int, numpy or 0-d torch integers); may be empty.
+        who: prefix of the error message (the caller's name).
+
+    Raises:
+        ValueError: an index out of range (the message gives the valid range; Flux lists the
+            double- and single-stream ranges) or duplicates.
+
+    Example:
+        >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+        >>> check_layers(tiny_sd3_pipeline(t5=False), [2, 0])
+        (2, 0)
+    """
+    family, _, transformer = _resolve(pipe)
     n = num_layers(family, transformer)
-    layers = (layers,) if isinstance(layers, int) else tuple(layers)
-    layers = tuple(_as_int(x) for x in layers)
-    for layer in layers:
-        if not isinstance(layer, int) or not 0 <= layer < n:
+    prefix = f"{who}: " if who else ""
+    items = (layers,) if isinstance(_as_int(layers), int) and not isinstance(layers, bool) else tuple(layers)
+    out = []
+    for x in items:
+        x = _as_int(x)
+        if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
             extra = ""
             if family == "flux":
                 nd = len(transformer.transformer_blocks)
                 extra = f" (double-stream 0..{nd - 1}, single-stream {nd}..{n - 1})"
-            raise ValueError(
-                f"enable_fast_capture: layer {layer!r} is out of range; valid layers are 0..{n - 1}{extra}"
-            )
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"enable_fast_capture: layers {list(layers)} contain duplicates")
+            raise ValueError(f"{prefix}layer {x!r} is out of range: this transformer has {n} blocks; valid layers "
+                             f"are 0..{n - 1}{extra}")
+        out.append(x)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{prefix}layers {out} contain duplicates")
+    return tuple(out)
+
+
+def _check_args(family, transformer, layers, tokens, mode, head_reduce, steps):
+    layers = check_layers(transformer, layers, "enable_fast_capture")
     if tokens is not None:
         tokens = tuple(int(t) for t in tokens)
         if not tokens or min(tokens) < 0:
@@ -153,7 +183,7 @@ class _PreHook:
 
     def __call__(self, module, args, kwargs):
         cap = self.capture
-        if not cap.enabled or not cap.layers:
+        if not cap.enabled or not (cap.layers or cap.measure_mass):
             return None
         if cap.family == "sd3" and self._get(args, kwargs, "skip_layers") is not None:
             return None  # skip-layer guidance: an extra conditional call, not a denoising step of its own
@@ -184,6 +214,39 @@ class _PreHook:
 
 
 _NOTHING = object()
+
+
+class EarlyExit(Exception):
+    """Raised inside the transformer's forward by ``enable_fast_capture(stop_after=...)`` once that block's
+    attention has run; catch it with :func:`early_exit`."""
+
+
+def _raise_early_exit(module, args, output):
+    raise EarlyExit
+
+
+@contextlib.contextmanager
+def early_exit():
+    """Context for a transformer call under ``enable_fast_capture(stop_after=...)``: swallows the
+    :class:`EarlyExit` that ends the forward after the stop block.
+
+    Example:
+        >>> import torch
+        >>> from seg4diff_fast.capture import early_exit, enable_fast_capture, disable_fast_capture
+        >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+        >>> tr = tiny_sd3_pipeline(t5=False).transformer
+        >>> cap = enable_fast_capture(tr, layers=[1], stop_after=1, cfg=False)
+        >>> with early_exit():
+        ...     _ = tr(hidden_states=torch.randn(1, 4, 16, 16), timestep=torch.tensor([500.0]),
+        ...            encoder_hidden_states=torch.randn(1, 77, 32), pooled_projections=torch.randn(1, 32))
+        >>> cap.maps.shape
+        torch.Size([1, 1, 77, 8, 8])
+        >>> disable_fast_capture(tr)
+    """
+    try:
+        yield
+    except EarlyExit:
+        pass
 
 
 def _wrap_cache_context(capture: FastCapture, transformer: torch.nn.Module):
@@ -218,6 +281,8 @@ def enable_fast_capture(
     *,
     cfg: bool | None = None,
     backend: str | None = None,
+    stop_after: int | None = None,
+    measure_mass: bool = False,
 ) -> FastCapture:
     """Run every attention layer of an SD3 / SD3.5 / Flux transformer on the fused ``joint_attention``
     op and capture image→text attention maps at ``layers`` during generation.
@@ -238,6 +303,14 @@ def enable_fast_capture(
         cfg: classifier-free-guidance rule for SD3 (None: from the pipeline at call time; True/False:
             forced); see :class:`FastCapture`.
         backend: ``joint_attention`` backend (None: best available).
+        stop_after: early exit: right after this block's attention has run (and recorded), the forward
+            raises :class:`EarlyExit`, so nothing after it runs (not even that block's MLP). The caller
+            catches it (``with early_exit(): transformer(...)``); maps of the blocks up to it are those of
+            a full forward. None: the forward runs to the end.
+        measure_mass: at every block, also measure where each query row's attention mass goes: per head,
+            the probability mass on the text keys, averaged over the image rows (I2T) and over the text
+            rows (T2T), summed over the batch (:attr:`FastCapture.block_mass`). Uses the fused op with
+            every row captured on the text columns, never an N×N matrix.
 
     Returns:
         The :class:`FastCapture` that collects the maps. Enabling again replaces the previous capture
@@ -263,6 +336,8 @@ def enable_fast_capture(
     """
     family, pipeline, transformer = _resolve(pipe)
     layers, tokens, steps = _check_args(family, transformer, layers, tokens, mode, head_reduce, steps)
+    if stop_after is not None:
+        (stop_after,) = check_layers(transformer, [stop_after], "enable_fast_capture: stop_after")
     disable_fast_capture(transformer)  # enabling twice: one patch
 
     mods = _attention_modules(family, transformer)
@@ -276,7 +351,8 @@ def enable_fast_capture(
     saved = {key: module.processor for key, module, _ in mods}
 
     capture = FastCapture(family, layers, tokens, mode, head_reduce, steps, keep_steps,
-                          pipe=pipeline, transformer=transformer, cfg=cfg, backend=backend)
+                          pipe=pipeline, transformer=transformer, cfg=cfg, backend=backend,
+                          measure_mass=measure_mass)
     slot_of = {layer: i for i, layer in enumerate(layers)}
     cls = FastJointAttnProcessor if family == "sd3" else FastFluxAttnProcessor
     new = {}
@@ -291,8 +367,13 @@ def enable_fast_capture(
         module.set_processor(new[key])
 
     hook = transformer.register_forward_pre_hook(_PreHook(capture, transformer), with_kwargs=True)
+    stop = None
+    if stop_after is not None:  # the attention module of that block (SD3.5's image-only attn2 is not it)
+        module = next(m for key, m, layer in mods if layer == stop_after and not key.endswith("attn2.processor"))
+        stop = module.register_forward_hook(_raise_early_exit)
     previous_cache_context = _wrap_cache_context(capture, transformer)
-    capture._patch = {"saved": saved, "modules": mods, "hook": hook, "cache_context": previous_cache_context}
+    capture._patch = {"saved": saved, "modules": mods, "hook": hook, "stop": stop,
+                      "cache_context": previous_cache_context}
     capture.enabled = True
     transformer.__dict__[_ATTR] = capture
     return capture
@@ -311,6 +392,8 @@ def disable_fast_capture(pipe: Any) -> None:
     for key, module, _ in patch["modules"]:
         module.set_processor(patch["saved"][key])
     patch["hook"].remove()
+    if patch["stop"] is not None:
+        patch["stop"].remove()
     previous = patch["cache_context"]
     if previous is _NOTHING:
         transformer.__dict__.pop("cache_context", None)

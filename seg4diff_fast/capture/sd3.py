@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.joint_attention import joint_attention
+from .mass import attention_with_text_mass
 from .state import CallInfo, FastCapture
 
 
@@ -95,18 +96,24 @@ class FastJointAttnProcessor:
 
         capture = self.capture
         info = seg4diff_call
-        if info is not None and self.slot is not None and encoder_hidden_states is not None and capture is not None:
-            if info.n_img != n_img:
-                raise RuntimeError(
-                    f"fast capture: block {self.layer} sees {n_img} image tokens but the call's latent grid "
-                    f"{info.grid} has {info.n_img}"
-                )
-            out, maps = joint_attention(
+        with_text = info is not None and encoder_hidden_states is not None and capture is not None
+        if with_text and info.n_img != n_img:
+            raise RuntimeError(
+                f"fast capture: block {self.layer} sees {n_img} image tokens but the call's latent grid "
+                f"{info.grid} has {info.n_img}"
+            )
+        out = None
+        if with_text and capture.measure_mass:
+            out, part = attention_with_text_mass(q, k, v, info, capture.backend)
+            capture.record_mass(self.layer, part, info)
+        if with_text and self.slot is not None:
+            o, maps = joint_attention(
                 q, k, v, capture_cols=info.cols(q.device), capture_rows=info.rows,
                 mode=capture.mode, head_reduce=capture.head_reduce, backend=capture.backend,
             )
+            out = o if out is None else out
             capture.record(self.slot, maps, info)
-        else:
+        if out is None:
             out, _ = joint_attention(q, k, v, backend=capture.backend if capture is not None else None)
 
         return joint_output(attn, out, n_img, encoder_hidden_states is not None, q.dtype)

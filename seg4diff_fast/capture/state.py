@@ -50,7 +50,7 @@ class CallInfo:
         self.col0 = col0
         self.positions = positions
         self.keep = keep
-        self.recorded: set[int] = set()
+        self.recorded: set = set()
         self._cols: dict[torch.device, torch.Tensor] = {}
 
     @property
@@ -111,7 +111,8 @@ class FastCapture:
 
     def __init__(self, family: str, layers: tuple[int, ...], tokens: tuple[int, ...] | None, mode: str,
                  head_reduce: str, steps: frozenset[int] | None, keep_steps: bool, pipe: Any = None,
-                 transformer: torch.nn.Module | None = None, cfg: bool | None = None, backend: str | None = None):
+                 transformer: torch.nn.Module | None = None, cfg: bool | None = None, backend: str | None = None,
+                 measure_mass: bool = False):
         self.family = family
         self.layers = layers
         self.tokens = tokens
@@ -123,6 +124,7 @@ class FastCapture:
         self.transformer = transformer
         self.cfg = cfg
         self.backend = backend
+        self.measure_mass = bool(measure_mass)
         self.enabled = False
         self._context: str | None = None  # diffusers cache_context name of the running call ("cond"/"uncond")
         self.reset()
@@ -140,6 +142,7 @@ class FastCapture:
         self._steps_of_call: dict[int, int] = {}
         self._signature: tuple | None = None  # (batch kept, T, grid) of the maps held
         self._text_len: int | None = None  # length of the text sequence positions index into (77 for SD3)
+        self._mass: dict[int, torch.Tensor] = {}
 
     @property
     def num_captured(self) -> int:
@@ -207,6 +210,21 @@ class FastCapture:
             self._mean[slot] = torch.lerp(acc, maps, weight)
         else:
             acc.lerp_(maps, weight)
+
+    def record_mass(self, layer: int, part: torch.Tensor, info: CallInfo) -> None:
+        """Add one block's (H, 2) ``[I2T, T2T]`` text-key mass of one call (``measure_mass``)."""
+        key = ("mass", layer)
+        if key in info.recorded:  # a gradient-checkpointing recompute
+            return
+        info.recorded.add(key)
+        self._mass[layer] = part if layer not in self._mass else self._mass[layer] + part
+
+    @property
+    def block_mass(self) -> dict[int, torch.Tensor]:
+        """``{block: (H, 2) float64}``: per head, the text-key mass of the image rows (I2T) and of the text
+        rows (T2T), each averaged over its rows and summed over the batch and the calls since :meth:`reset`
+        (``enable_fast_capture(measure_mass=True)``); divide by the number of images for the mean."""
+        return dict(self._mass)
 
     @property
     def maps(self) -> torch.Tensor:

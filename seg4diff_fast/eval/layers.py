@@ -1,20 +1,13 @@
-"""Layer analysis (Seg4Diff's first phase): where each block's joint attention puts its mass, and which
-blocks and heads ground words in the image.
+"""Layer analysis (Seg4Diff's first phase): where each block's joint attention puts its mass, and the report.
 
 - :func:`attention_block_mass`: for every block and head, the share of attention mass in the four blocks
   of the joint attention matrix, I2I / I2T (image rows → image / text keys) and T2I / T2T (text rows →
-  image / text keys), at the noised latent the segmenter reads maps from. Computed with the fused
-  :func:`~seg4diff_fast.joint_attention` op (never an N×N matrix): one call per block captures every row's
-  probabilities on the text columns, summed over the columns.
-- :func:`layer_sweep`: the protocol A / B mIoU (ShapesWorld scenes) of every block's image→text maps,
-  head mean and each head alone, from one transformer pass per batch of scenes that captures all blocks.
+  image / text keys), at the noised latent the segmenter reads maps from. Measured by the reader's
+  :meth:`~seg4diff_fast.reader.PipelineReader.block_mass` (``enable_fast_capture(measure_mass=True)``: the
+  fused op captures every row's probabilities on the text columns, never an N×N matrix).
 - :func:`write_layer_report`: ``layers.json``, ``layers.md`` and the figure ``layers.png`` (matplotlib:
-  ``pip install seg4diff-fast[analysis]``).
-
-Protocols (as :func:`seg4diff_fast.shapes.train.evaluate_grounding`): **A** prompt = the object classes
-present, background pixels ignored, scenes with ≥ 2 object classes; baseline: a uniformly random present
-class per pixel (``numpy.random.default_rng(0)``, drawn in scene order). **B** background included as a
-class, every scene; baseline: all background. mIoU is over the world's 13 classes, dataset-level.
+  ``pip install seg4diff-fast[analysis]``), from the mass and from a grounding sweep
+  (:func:`seg4diff_fast.shapes.grounding.layer_sweep`: protocol A / B mIoU per block and head).
 """
 
 from __future__ import annotations
@@ -29,59 +22,11 @@ import numpy as np
 import torch
 
 from ..utils.files import atomic_write, write_json
-from .metrics import MeanIoU
 
-__all__ = ["SHARES", "attention_block_mass", "layer_sweep", "write_layer_report", "format_layer_table"]
+__all__ = ["SHARES", "attention_block_mass", "write_layer_report", "format_layer_table"]
 
 #: The four blocks of the joint attention matrix, in the order of the last axis of ``mass``.
 SHARES: tuple[str, ...] = ("I2I", "I2T", "T2I", "T2T")
-
-
-# ----------------------------------------------------------------------------------------------------
-# attention mass
-class _BlockMassProcessor:
-    """``JointAttnProcessor2_0`` on the fused op that also records, per head, the text-key mass of every
-    query row (image rows → I2T, text rows → T2T), averaged over the rows, summed over the batch."""
-
-    def __init__(self, layer: int, sink: dict[int, torch.Tensor], backend: str | None = None):
-        self.layer = layer
-        self.sink = sink
-        self.backend = backend
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None):  # mask ignored, as by JointAttnProcessor2_0
-        from ..capture.sd3 import joint_output, joint_qkv
-        from ..ops.joint_attention import MAX_SELECTED, joint_attention
-
-        batch, n_img = hidden_states.shape[:2]
-        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
-        if encoder_hidden_states is None:  # SD3.5's attn2 never comes here (only block.attn is patched)
-            out, _ = joint_attention(q, k, v, backend=self.backend)
-        else:
-            heads = q.shape[1]
-            n = q.shape[2]
-            text_mass = torch.zeros(batch, heads, n, dtype=torch.float64, device=q.device)
-            out = None
-            for c0 in range(n_img, n, MAX_SELECTED):  # SD3: [image; text], text keys are n_img … n−1
-                cols = torch.arange(c0, min(c0 + MAX_SELECTED, n), device=q.device)
-                o, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=(0, n), mode="probs",
-                                          head_reduce="none", backend=self.backend)
-                out = o if out is None else out
-                text_mass += maps.to(torch.float64).sum(-1)  # (B, H, N): each row's mass on these text keys
-            i2t = text_mass[:, :, :n_img].mean(-1)
-            t2t = text_mass[:, :, n_img:].mean(-1)
-            part = torch.stack([i2t, t2t], dim=-1).sum(0).cpu()  # (H, 2), summed over the batch
-            self.sink[self.layer] = part if self.layer not in self.sink else self.sink[self.layer] + part
-        return joint_output(attn, out, n_img, encoder_hidden_states is not None, q.dtype)
-
-
-def _segmenter(pipe: Any, resolution: int | None, t5_length: int | None, seed: int, noise_step: int,
-               num_inference_steps: int, batch_size: int, backend: str | None):
-    from ..segment import Seg4DiffSegmenter
-
-    return Seg4DiffSegmenter(pipe, layer=0, num_inference_steps=num_inference_steps, noise_step=noise_step,
-                             resolution=resolution, seed=seed, t5_length=t5_length, batch_size=batch_size,
-                             backend=backend)
 
 
 @torch.no_grad()
@@ -104,20 +49,17 @@ def attention_block_mass(
     For each query row, its softmax probability mass is summed over a key block (image keys or text
     keys); the shares are averaged over the block's rows (image rows for I2I / I2T, text rows for
     T2I / T2T: all ``77 + t5_length`` text positions, padding included) and over the images. So
-    I2I + I2T = 1 and T2I + T2T = 1 for every block and head. Inputs are prepared exactly as
-    :class:`~seg4diff_fast.segment.Seg4DiffSegmenter` prepares them (``latents``, ``encode_text``: same
-    noise, timestep ``timesteps[-noise_step]``, zero T5 positions). Each block's attention runs on the
-    fused op with ``capture_rows`` = all rows and ``capture_cols`` = the text columns (SD3's joint
-    sequence is ``[image; text]``), so no N×N matrix is ever made; the forward continues on the op's own
-    output and stops after the last block's attention. q/k/v are those of diffusers'
-    ``JointAttnProcessor2_0`` (qk-norms included); SD3.5's image-only ``attn2`` is left alone. The last
-    block is ``context_pre_only``: its text rows are computed but feed nothing; they are reported anyway.
+    I2I + I2T = 1 and T2I + T2T = 1 for every block and head. Inputs are prepared by the reader exactly as
+    the segmenter's (same noise, timestep ``timesteps[-noise_step]``, zero T5 positions). The forward runs
+    on the fused op and stops after the last block's attention. SD3.5's image-only ``attn2`` has no text
+    rows or keys and is not measured. The last block is ``context_pre_only``: its text rows are computed
+    but feed nothing; they are reported anyway.
 
     Args:
         pipe: a ``StableDiffusion3Pipeline`` whose attention modules have diffusers' stock processors.
         images: images (PIL, numpy, tensor in [0, 1]), stretched to ``resolution``².
         prompts: one prompt per image, or one for all.
-        resolution, t5_length: None: the model's (:func:`~seg4diff_fast.models.model_defaults`).
+        resolution, t5_length: None: the model's (:class:`~seg4diff_fast.reader.ModelDefaults`).
         seed, noise_step, num_inference_steps: the noise, as the segmenter's.
         batch_size: images per transformer call.
         backend: ``joint_attention`` backend (None: best available).
@@ -136,9 +78,7 @@ def attention_block_mass(
         >>> bool(abs(r["I2I"] + r["I2T"] - 1).max() < 1e-9), bool(abs(r["T2I"] + r["T2T"] - 1).max() < 1e-9)
         (True, True)
     """
-    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
-
-    from ..segment.segmenter import _EarlyExit, _raise_early_exit
+    from ..reader import PipelineReader
 
     images = list(images)
     if not images:
@@ -146,187 +86,28 @@ def attention_block_mass(
     prompt_list = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
     if len(prompt_list) != len(images):
         raise ValueError(f"attention_block_mass: {len(prompt_list)} prompts for {len(images)} images")
-    seg = _segmenter(pipe, resolution, t5_length, seed, noise_step, num_inference_steps, batch_size, backend)
-    tr = seg.transformer
-    blocks = tr.transformer_blocks
-    for i, block in enumerate(blocks):
-        if not isinstance(block.attn.processor, (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)):
-            raise TypeError(f"attention_block_mass needs diffusers' stock attention processors; block {i} has "
-                            f"{type(block.attn.processor).__name__} (disable fast capture / remove it first)")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    reader = PipelineReader(pipe, resolution=resolution, num_inference_steps=num_inference_steps,
+                            noise_step=noise_step, seed=seed, text_length=t5_length, backend=backend)
     sink: dict[int, torch.Tensor] = {}
-    saved = [block.attn.processor for block in blocks]
-    for i, block in enumerate(blocks):
-        block.attn.set_processor(_BlockMassProcessor(i, sink, backend))
-    handle = blocks[-1].attn.register_forward_hook(_raise_early_exit)
     n_img_tokens = n_txt_tokens = 0
-    try:
-        for s in range(0, len(images), seg.batch_size):
-            tensors, _ = seg._prepare(images[s:s + seg.batch_size])
-            latents = seg.latents(tensors)
-            embeds, pooled = seg.encode_text(prompt_list[s:s + seg.batch_size])
-            n_img_tokens = (latents.shape[-2] // seg.patch) * (latents.shape[-1] // seg.patch)
-            n_txt_tokens = embeds.shape[1]
-            try:
-                tr(hidden_states=latents, timestep=seg._timestep.expand(latents.shape[0]).to(latents.device),
-                   encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)
-            except _EarlyExit:
-                pass
-    finally:
-        handle.remove()
-        for block, proc in zip(blocks, saved):
-            block.attn.set_processor(proc)
-    text = torch.stack([sink[i] for i in range(len(blocks))]).numpy() / len(images)  # (L, H, 2): I2T, T2T
-    i2t, t2t = text[..., 0], text[..., 1]
+    for s in range(0, len(images), batch_size):
+        tensors, _ = reader.prepare(images[s:s + batch_size])
+        latents = reader.latents(tensors)
+        text = reader.encode_text(prompt_list[s:s + batch_size])
+        n_img_tokens = (latents.shape[-2] // reader.patch) * (latents.shape[-1] // reader.patch)
+        n_txt_tokens = text.length
+        for layer, part in reader.block_mass(latents, text).items():
+            sink[layer] = part if layer not in sink else sink[layer] + part
+    text_share = torch.stack([sink[i] for i in range(reader.num_layers)]).numpy() / len(images)  # (L, H, 2)
+    i2t, t2t = text_share[..., 0], text_share[..., 1]
     mass = np.stack([1.0 - i2t, i2t, 1.0 - t2t, t2t], axis=-1)
     out: dict[str, Any] = {"shares": list(SHARES), "mass": mass}
     out.update({name: mass[..., j] for j, name in enumerate(SHARES)})
     out.update({"n_images": len(images), "n_image_tokens": int(n_img_tokens), "n_text_tokens": int(n_txt_tokens),
-                "timestep": seg.timestep, "sigma": seg.sigma, "resolution": seg.resolution,
-                "t5_length": seg.t5_length})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# layer sweep
-def _head_mean(maps: torch.Tensor, dim: int) -> torch.Tensor:
-    """Mean over heads summed in head order, then divided: the fused op's own ``head_reduce="mean"``
-    arithmetic, so the head-mean maps are those the segmenter reads (bit for bit on the torch backend)."""
-    acc = maps.select(dim, 0).clone()
-    for i in range(1, maps.shape[dim]):
-        acc.add_(maps.select(dim, i))
-    return acc.div_(maps.shape[dim])
-
-
-def _per_head_maps(seg: Any, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                   layers: tuple[int, ...], head_reduce: str) -> torch.Tensor:
-    """One transformer call capturing every layer of ``layers``: (B, L, H, T, h, w) (or (B, L, T, h, w))."""
-    saved = seg.head_reduce
-    seg.head_reduce = head_reduce  # the segmenter's own capture call, with the head axis kept when "none"
-    try:
-        return seg.transformer_maps(latents, embeds, pooled, layers)
-    finally:
-        seg.head_reduce = saved
-
-
-@torch.no_grad()
-def layer_sweep(
-    pipe: Any,
-    scenes: Sequence[Any],
-    per_head: bool = True,
-    *,
-    layers: Sequence[int] | None = None,
-    resolution: int | None = None,
-    t5_length: int | None = None,
-    seed: int = 0,
-    noise_step: int = 8,
-    num_inference_steps: int = 28,
-    batch_size: int = 16,
-    backend: str | None = None,
-) -> dict[str, Any]:
-    """Protocol A and B mIoU of every block's image→text maps (head mean, and each head when
-    ``per_head``) on ShapesWorld scenes, with both baselines.
-
-    A block's class map is the mean of the class's CLIP token maps (positions from
-    :func:`~seg4diff_fast.segment.prompts.plan_prompts`), upsampled bilinearly to the scene's size by
-    :func:`~seg4diff_fast.ops.upsample_argmax.upsample_argmax`, argmax over classes: the segmenter's
-    path, with a head's own probability maps in place of the head mean for the per-head scores. One
-    transformer pass per batch of ``batch_size`` scenes (their A and B prompts as rows) captures every
-    block at once (``enable_fast_capture(head_reduce="none")``) and stops after the last one.
-
-    Args:
-        pipe: a ``StableDiffusion3Pipeline``.
-        scenes: :class:`~seg4diff_fast.shapes.Scene` s (``image``, ``classes``, ``label_map``,
-            ``global_label_map()``); class names must come from :data:`~seg4diff_fast.shapes.CLASSES`.
-        per_head: also score each head alone.
-        layers: blocks to sweep (default all).
-        resolution, t5_length, seed, noise_step, num_inference_steps, backend: as the segmenter's.
-        batch_size: scenes per transformer pass.
-
-    Returns:
-        ``{"layers", "num_heads", "n_A", "n_B", "A", "B": [per block] mIoU %, "A_heads", "B_heads":
-        [per block][per head] (when ``per_head``), "A_baseline", "B_baseline"}``.
-
-    Example:
-        >>> from seg4diff_fast.shapes import ShapesWorld, load_pipeline
-        >>> scenes = [ShapesWorld(i).sample() for i in range(4)]
-        >>> r = layer_sweep(load_pipeline(device="cpu"), scenes)
-        >>> len(r["A"]), len(r["B_heads"][0]), r["n_B"]
-        (6, 4, 4)
-    """
-    from ..segment.prompts import plan_prompts
-    from ..shapes.world import CLASSES
-
-    scenes = list(scenes)
-    if not scenes:
-        raise ValueError("layer_sweep: give at least one scene")
-    seg = _segmenter(pipe, resolution, t5_length, seed, noise_step, num_inference_steps, batch_size, backend)
-    layers_t = tuple(range(seg.num_layers)) if layers is None else seg._check_layers(list(layers))
-    num_heads = int(seg.transformer.config.num_attention_heads)
-    k = len(CLASSES)
-    a_set = {i for i, s in enumerate(scenes) if len(s.classes) >= 3}
-    protos = ("A", "B")
-    meters = {p: [MeanIoU(k) for _ in layers_t] for p in protos}
-    head_meters = {p: [[MeanIoU(k) for _ in range(num_heads)] for _ in layers_t] for p in protos}
-    base = {p: MeanIoU(k) for p in protos}
-    rng = np.random.default_rng(0)
-    from ..ops.upsample_argmax import upsample_argmax
-
-    def plan(names: list[str]):
-        chunks = plan_prompts(names, pipe.tokenizer, None, seg.split_dash)
-        if len(chunks) != 1:
-            raise ValueError(f"layer_sweep: the classes {names} do not fit one prompt")
-        return chunks[0]
-
-    for s0 in range(0, len(scenes), seg.batch_size):
-        idx = list(range(s0, min(s0 + seg.batch_size, len(scenes))))
-        tensors, _ = seg._prepare([scenes[i].image for i in idx])
-        latents = seg.latents(tensors)
-        rows = []  # (scene index, its position in the batch, protocol, class names)
-        for j, i in enumerate(idx):
-            if i in a_set:
-                rows.append((i, j, "A", list(scenes[i].object_classes)))
-            rows.append((i, j, "B", list(scenes[i].classes)))
-        plans = [plan(r[3]) for r in rows]
-        prompts = list(dict.fromkeys(p.prompt for p in plans))
-        embeds, pooled = seg.encode_text(prompts)
-        which = {p: n for n, p in enumerate(prompts)}
-        img = torch.tensor([r[1] for r in rows], device=latents.device)
-        txt = torch.tensor([which[p.prompt] for p in plans], device=embeds.device)
-        maps = _per_head_maps(seg, latents.index_select(0, img), embeds.index_select(0, txt),
-                              pooled.index_select(0, txt), layers_t, "none" if per_head else "mean")
-        for (i, _, proto, names), chunk, m in zip(rows, plans, maps.unbind(0)):
-            s = scenes[i]
-            gt = s.global_label_map()
-            lut = np.array([CLASSES.index(c) for c in names])
-            if proto == "A":
-                gt = np.where(s.label_map == 0, 255, gt)
-                base[proto].update(lut[rng.integers(0, len(names), size=gt.shape)], gt)
-            else:
-                base[proto].update(np.zeros_like(gt), gt)
-            size = gt.shape
-            mean_maps = _head_mean(m, 1) if per_head else m  # (L, T, h, w)
-            scores = torch.stack([mean_maps[:, list(pos)].mean(1) for pos in chunk.positions], dim=1)
-            for li in range(len(layers_t)):
-                labels, _, _ = upsample_argmax(scores[li], size)
-                meters[proto][li].update(lut[labels.cpu().numpy()], gt)
-            if per_head:
-                head_scores = torch.stack([m[:, :, list(pos)].mean(2) for pos in chunk.positions], dim=2)
-                for li in range(len(layers_t)):
-                    for h in range(num_heads):
-                        labels, _, _ = upsample_argmax(head_scores[li, h], size)
-                        head_meters[proto][li][h].update(lut[labels.cpu().numpy()], gt)
-
-    def miou(m: MeanIoU) -> float:
-        return round(float(m.compute()["mIoU"]), 2)
-
-    n_a = len(a_set)
-    out: dict[str, Any] = {"layers": list(layers_t), "num_heads": num_heads, "n_A": n_a, "n_B": len(scenes)}
-    for p in protos:
-        empty = p == "A" and n_a == 0
-        out[p] = [math.nan if empty else miou(m) for m in meters[p]]
-        if per_head:
-            out[f"{p}_heads"] = [[math.nan if empty else miou(m) for m in row] for row in head_meters[p]]
-        out[f"{p}_baseline"] = math.nan if empty else miou(base[p])
+                "timestep": float(reader.timestep), "sigma": reader.sigma, "resolution": reader.resolution,
+                "t5_length": reader.text_length})
     return out
 
 

@@ -86,7 +86,7 @@ def evaluate(
     if sweep and layers != "all":
         raise ValueError(f"layers must be a list of ints or 'all', got {layers!r}")
     layer_list = tuple(range(segmenter.num_layers)) if sweep else (segmenter.layers if layers is None
-                                                                  else segmenter._check_layers(layers))
+                                                                  else segmenter.reader.check_layers(layers))
     keys = layer_list if sweep else (layer_list,)
     k = len(dataset.classes)
     ignore = dataset.ignore_index

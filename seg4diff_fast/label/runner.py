@@ -4,7 +4,7 @@ Stages, overlapped:
 
 1. DataLoader worker processes decode each image and make its model input (:class:`.inputs.LabelDataset`),
    pinned when the device is CUDA; batches are the fixed cuts of the sorted list (:mod:`.distributed`);
-2. the main process: one VAE call per batch (:meth:`Seg4DiffSegmenter.encode_latents`, per-image noise
+2. the main process: one VAE call per batch (:meth:`PipelineReader.noised_latents`, per-image noise
    from the seed), transformer calls that stop after the capture layer, with the prompt embeddings of the
    vocabulary's chunked prompt set encoded once for the whole run and reused by every batch; class maps
    (the segmenter's chunk merge), fused ``upsample_argmax`` on the device, the uint8/uint16 label map and
@@ -37,8 +37,7 @@ import numpy as np
 import torch
 
 from ..ops.upsample_argmax import upsample_argmax
-from ..segment.prompts import plan_prompts
-from ..segment.segmenter import Seg4DiffSegmenter, _Row
+from ..segment import Seg4DiffSegmenter, confidence_of
 from .coco import build_coco
 from .distributed import DistContext, setup, shard_batches
 from .inputs import ImageItem, LabelDataset, collate, discover_images, load_classes
@@ -106,7 +105,7 @@ def check_out_dir(out_dir: str) -> None:
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
-    from .. import __version__
+    from ..utils.version import __version__
 
     out = {"seg4diff_fast": __version__, "python": platform.python_version()}
     for dist in ("torch", "diffusers", "transformers", "numpy", "pillow", "triton"):
@@ -273,11 +272,12 @@ def label_images(
     ctx = setup(dev.type)
     try:
         if segmenter is None:
-            from ..models import load_pipeline
+            from ..reader import load_pipeline
+            from ..shapes.shipped import resolve_model
 
             if dev.type == "cuda" and ctx.world_size > 1 and dev.index is None:
                 dev = torch.device("cuda", ctx.local_rank)
-            pipe = load_pipeline(model, dtype, str(dev))
+            pipe = load_pipeline(resolve_model(model), dtype, str(dev))
             segmenter = Seg4DiffSegmenter(pipe, layer=layer, resolution=resolution, seed=seed, split_dash=split_dash)
         seg = segmenter
         if model is None:
@@ -293,7 +293,7 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
            progress: bool, writer_threads: int | None) -> LabelSummary:
     from tqdm import tqdm
 
-    plans = plan_prompts(classes, seg.pipe.tokenizer, seg.max_prompt_tokens, seg.split_dash)
+    plans = seg.plan(classes)
     info = _run_info(seg, classes, [c.prompt for c in plans], model)
     if resume:
         _check_resume(out_dir, info)
@@ -305,9 +305,7 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
         torch.cuda.reset_peak_memory_stats(device)
 
     # the whole vocabulary's prompts, encoded once
-    embeds, pooled = seg.encode_text([c.prompt for c in plans])
-    merge = seg.mode == "probs" and seg.chunk_merge == "image-mass"
-    all_text = merge and len(plans) > 1
+    text = seg.reader.encode_text([c.prompt for c in plans])
     num_classes = len(classes)
 
     batches = shard_batches(len(items), batch_size, ctx.rank, ctx.world_size)
@@ -326,7 +324,7 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
     t0 = time.perf_counter()
     try:
         if batches:
-            dataset = LabelDataset(items, seg.resolution, seg.short_side)
+            dataset = LabelDataset(items, seg.resolution, seg.short_side, seg.reader.family)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
@@ -338,8 +336,8 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
                         it = items[batch["index"][k]]
                         errors.append({"image": it.rel, "path": it.path, "reason": e})
                 if valid:
-                    outs = _segment_batch(seg, batch["x"], [batch["size"][k] for k in valid], plans, embeds,
-                                          pooled, merge, all_text, batch_size, num_classes, confidence)
+                    outs = _segment_batch(seg, batch["x"], [batch["size"][k] for k in valid], plans, text,
+                                          batch_size, num_classes, confidence)
                     for k, (lab, conf, event) in zip(valid, outs):
                         i = batch["index"][k]
                         if i in complete:
@@ -384,32 +382,21 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
     )
 
 
-def _segment_batch(seg: Seg4DiffSegmenter, x: torch.Tensor, sizes: list[tuple[int, int]], plans, embeds, pooled,
-                   merge: bool, all_text: bool, rows_per_call: int, num_classes: int, confidence: bool):
+def _segment_batch(seg: Seg4DiffSegmenter, x: torch.Tensor, sizes: list[tuple[int, int]], plans, text,
+                   rows_per_call: int, num_classes: int, confidence: bool):
     """Label maps (and confidences) of one batch, left on their way to the host: [(labels, conf, event)]."""
-    latents = seg.encode_latents(x.to(seg.pipe.vae.device, non_blocking=True))
-    rows = [_Row(k, chunk.prompt, chunk) for k in range(latents.shape[0]) for chunk in plans]
-    which = {c.prompt: j for j, c in enumerate(plans)}
-    maps: list[torch.Tensor] = []
-    for s in range(0, len(rows), rows_per_call):
-        part = rows[s:s + rows_per_call]
-        img = torch.tensor([r.image for r in part], device=latents.device)
-        txt = torch.tensor([which[r.prompt] for r in part], device=embeds.device)
-        out = seg.transformer_maps(latents.index_select(0, img), embeds.index_select(0, txt),
-                                   pooled.index_select(0, txt), all_text=all_text)
-        maps.extend(out.unbind(0))
+    latents = seg.reader.noised_latents(x.to(seg.pipe.vae.device, non_blocking=True))
+    all_scores = seg.score_latents(latents, [plans] * latents.shape[0], text=text, batch_size=rows_per_call)
     cuda = latents.device.type == "cuda"
     results = []
     label_dtype = torch.uint8 if num_classes <= 256 else torch.int32
     for k, size in enumerate(sizes):
-        mine = [(r, m) for r, m in zip(rows, maps) if r.image == k]
-        scores = Seg4DiffSegmenter._class_scores(mine, merge).mean(0)  # (K, h, w), as the segmenter
+        scores = all_scores[k].mean(0)  # (K, h, w), as the segmenter
         labels, top, total = upsample_argmax(scores, size)
         labels = labels.to(label_dtype)
         conf = None
         if confidence:
-            c = torch.where(total > 0, top / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(top))
-            conf = c.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+            conf = confidence_of(top, total).mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
         if cuda:
             labels = labels.to("cpu", non_blocking=True)
             conf = conf.to("cpu", non_blocking=True) if conf is not None else None

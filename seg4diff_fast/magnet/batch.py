@@ -3,7 +3,7 @@
 - :class:`PreparedData` (DataLoader side, may run in workers): image → (3, R, R) in [−1, 1] (bilinear
   stretch, as the segmenter), masks → (K, R, R) uint8 (nearest).
 - :func:`plan_tokens` (main process, tokenizer): for direct (COCO-style) samples the prompt is the class
-  names and each class's CLIP positions (the segmenter's :func:`~seg4diff_fast.segment.prompts.plan_prompts`);
+  names and each class's CLIP positions (the segmenter's :func:`~seg4diff_fast.reader.prompts.plan_prompts`);
   for matched (SA-1B-style) samples the caption and its content positions (BOS and EOS excluded).
 - :func:`predictions_and_targets`: the expert layer's raw maps → one prediction per target mask: the mean
   of a class's token maps (head mean), or the Hungarian-matched candidate among every caption token of
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..segment.inputs import as_float, to_model_input, to_rgb
-from ..segment.prompts import plan_prompts
+from ..reader.images import as_float, to_model_input, to_rgb
+from ..reader.prompts import plan_prompts
 from .matching import hungarian_match
 
 __all__ = ["PreparedData", "TokenPlan", "plan_tokens", "predictions_and_targets", "collate_prepared"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["MagnetConfig"]
@@ -73,7 +73,6 @@ class MagnetConfig:
     log_every: int = 10
     num_workers: int = 0
     backend: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -105,6 +104,8 @@ class MagnetConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MagnetConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        if not d.get("extra", True):  # configs saved by 0.1.0 carry an always-empty "extra"
+            d = {k: v for k, v in d.items() if k != "extra"}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"MagnetConfig: unknown settings {unknown}")

@@ -12,7 +12,7 @@ Three sources, each a ``torch.utils.data.Dataset`` whose ``__getitem__(i)`` is d
   matching).
 
 A "direct" sample's prompt is its names, each cleaned as the segmenter cleans a class name
-(:func:`~seg4diff_fast.segment.prompts.clean_name`), joined by single spaces: exactly the prompt
+(:func:`~seg4diff_fast.reader.prompts.clean_name`), joined by single spaces: exactly the prompt
 ``plan_prompts(sample.names, tokenizer)`` builds when the names fit in one prompt, so its positions
 give each mask's tokens. Images that cannot give a usable sample (no annotation, no caption, no mask
 left after filtering) are dropped while the index is built, with one logged warning line per source
@@ -46,7 +46,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..eval.datasets import IMAGE_EXTENSIONS
-from ..segment.prompts import clean_name
+from ..reader.prompts import clean_name
 from ..shapes.world import BACKGROUND, ShapesWorld
 
 __all__ = [

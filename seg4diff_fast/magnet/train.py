@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..utils.files import write_json
+from ..reader import PipelineReader, TextState
+from ..utils.files import atomic_torch_save, write_json
 from .batch import PreparedData, collate_prepared, plan_tokens, predictions_and_targets
 from .config import MagnetConfig
 from .head import MapHead
@@ -58,30 +59,6 @@ class _Order(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return (self.total - self.start) * self.batch
-
-
-def _atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _encode_text(pipe: Any, prompts: list[str], t5_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad():
-        pe1, pooled1 = pipe._get_clip_prompt_embeds(prompts, device=device, clip_model_index=0)
-        pe2, pooled2 = pipe._get_clip_prompt_embeds(prompts, device=device, clip_model_index=1)
-        clip = torch.cat([pe1, pe2], dim=-1)
-        dim = pipe.transformer.config.joint_attention_dim
-        t5 = torch.zeros(len(prompts), t5_length, dim, device=device, dtype=clip.dtype)
-        embeds = torch.cat([F.pad(clip, (0, dim - clip.shape[-1])), t5], dim=-2)
-        return embeds, torch.cat([pooled1, pooled2], dim=-1)
-
-
-def _encode_images(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean
-        shift = vae.config.get("shift_factor", None) or 0.0
-        return ((lat - shift) * vae.config.scaling_factor).float()
 
 
 def _sigmas(scheduler: Any, n: int, cfg: MagnetConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,7 +107,6 @@ def train_magnet(
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
 
-    from ..capture import disable_fast_capture, enable_fast_capture
     from .data import open_magnet_data
 
     cfg = config or MagnetConfig()
@@ -150,19 +126,19 @@ def train_magnet(
     dev = acc.device
     pipe = pipe_or_path
     if pipe is None or isinstance(pipe, str):
-        from ..models import load_pipeline
+        from ..reader import load_pipeline
+        from ..shapes.shipped import resolve_model
 
-        pipe = load_pipeline(pipe, dtype="float32", device=str(dev))
-    from ..models import model_defaults
+        pipe = load_pipeline(resolve_model(pipe), dtype="float32", device=str(dev))
+    from ..reader import resolve_defaults
 
-    defaults = model_defaults(pipe)
-    tr = pipe.transformer
-    n_layers = len(tr.transformer_blocks)
-    layer = int(defaults["layer"]) if cfg.layer is None else int(cfg.layer)
-    if not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer} is out of range: the transformer has {n_layers} blocks (0..{n_layers - 1})")
-    t5_length = int(defaults["t5_length"]) if cfg.t5_length is None else int(cfg.t5_length)
-    resolution = cfg.resolution or int(getattr(dataset, "size", None) or defaults["resolution"])
+    defaults = resolve_defaults(pipe)
+    reader = PipelineReader(pipe, defaults=defaults, text_length=cfg.t5_length, backend=cfg.backend,
+                            resolution=cfg.resolution or int(getattr(dataset, "size", None) or defaults.resolution))
+    tr = reader.transformer
+    (layer,) = reader.check_layers(defaults.layer if cfg.layer is None else cfg.layer, "MAGNET")
+    t5_length = reader.text_length
+    resolution = reader.resolution
     run_cfg = {**cfg.to_dict(), "layer": layer, "t5_length": t5_length, "resolution": resolution}
 
     torch.manual_seed(cfg.seed)  # LoRA (gaussian) and head init
@@ -195,9 +171,9 @@ def train_magnet(
         start = int(state["step"])
     model, opt = acc.prepare(tr, opt)
     head_model = acc.prepare(head) if head is not None else None
-    cap = enable_fast_capture(tr, layers=[layer], tokens=range(int(pipe.tokenizer.model_max_length)),
-                              mode="logits", head_reduce="none" if cfg.head_reduce == "none" else "mean",
-                              cfg=False, backend=cfg.backend)
+    capture = reader.capturing([layer], tokens=range(reader.family.capture_tokens(pipe)), mode="logits",
+                               head_reduce="none" if cfg.head_reduce == "none" else "mean")
+    cap = capture.__enter__()
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
     data = PreparedData(dataset, resolution)
@@ -222,7 +198,7 @@ def train_magnet(
 
     def checkpoint(s: int) -> None:
         if main:
-            _atomic_torch_save({"lora": lora_state_dict(tr), "head": head.state_dict() if head is not None else None,
+            atomic_torch_save({"lora": lora_state_dict(tr), "head": head.state_dict() if head is not None else None,
                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": s,
                                 "config": run_cfg}, ckpt_path)
         acc.wait_for_everyone()
@@ -235,15 +211,15 @@ def train_magnet(
                 gen = torch.Generator().manual_seed(
                     int(np.random.default_rng([cfg.seed, step, micro, acc.process_index]).integers(2**62)))
                 totals["samples"] += len(batch["prompt"])
-                plans = [plan_tokens(p, n, pipe.tokenizer) for p, n in zip(batch["prompt"], batch["names"])]
+                plans = [plan_tokens(p, n, reader.tokenizer) for p, n in zip(batch["prompt"], batch["names"])]
                 for pl in plans:
                     if pl.skip:
                         skipped[pl.skip] = skipped.get(pl.skip, 0) + 1
                         if skipped[pl.skip] == 1:
                             log.warning("MAGNET: no mask loss for a sample: %s (counted in the summary)", pl.skip)
                 prompts = [pl.prompt for pl in plans]
-                embeds, pooled = _encode_text(pipe, prompts, t5_length, dev)
-                x0 = _encode_images(pipe.vae, batch["x"])
+                text: TextState = reader.encode_text(prompts)
+                x0 = reader.encode_images(batch["x"]).float()
                 noise = torch.randn(x0.shape, generator=gen).to(dev)
                 timesteps, sig = _sigmas(noise_sched, x0.shape[0], cfg, gen)
                 s = sig.view(-1, 1, 1, 1).to(dev)
@@ -252,8 +228,7 @@ def train_magnet(
                 ctx = acc.no_sync(model) if not sync else nullcontext()
                 with ctx, acc.autocast():
                     cap.reset()
-                    pred = model(hidden_states=x_t, timestep=timesteps.to(dev), encoder_hidden_states=embeds,
-                                 pooled_projections=pooled, return_dict=False)[0]
+                    pred = reader.forward(model, x_t, text, timesteps.to(dev))[0]
                     fm = F.mse_loss(pred.float(), (noise - x0).float())
                     maps = cap.maps[:, 0]
                     masks = [m.to(dev) for m in batch["masks"]]
@@ -295,13 +270,12 @@ def train_magnet(
                 checkpoint(done)
             if main and on_step is not None:
                 on_step(done, last)
-        step = cfg.max_steps
     except BaseException:
         if bar is not None:
             bar.close()
         raise
     finally:
-        disable_fast_capture(tr)
+        capture.__exit__(None, None, None)
         tr.eval()
     if bar is not None:
         bar.close()

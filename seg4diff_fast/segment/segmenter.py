@@ -1,25 +1,24 @@
 """``Seg4DiffSegmenter``: images + class names → full-resolution label maps, the Seg4Diff way.
 
-The path of one batch (SEG4DIFF.md, "Zero-shot open-vocabulary segmentation"):
+The path of one batch — steps 1–5 are :class:`~seg4diff_fast.reader.PipelineReader`'s (SEG4DIFF.md,
+"Zero-shot open-vocabulary segmentation"):
 
-1. images → RGB floats in [0, 1] (:mod:`.inputs`), optionally pre-resized (short side 640, evaluation),
-   stretched to ``resolution``², ``2x − 1``;
-2. one VAE call for the batch: ``latent = (vae.encode(x).latent_dist.mean − shift) · scale``;
-3. per image its own noise, ``torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(seed))``
-   (so a result never depends on batching), ``x_t = scheduler.scale_noise(latent, [t], noise)`` with
-   ``t = timesteps[-noise_step]`` after ``set_timesteps(num_inference_steps)`` on a copy of the scheduler;
-4. one text-encoder call for the batch's distinct prompts (CLIP-L and CLIP-G, 77 positions; T5 replaced
-   by ``t5_length`` = 77 zero positions as in the authors' fork, unless ``use_t5=True``);
+1. images → RGB floats in [0, 1], optionally pre-resized (short side 640, evaluation), stretched to
+   ``resolution``², the VAE's input range; one VAE call for the batch;
+2. per image its own noise from ``seed`` (a result never depends on batching), noised to
+   ``t = timesteps[-noise_step]`` of ``num_inference_steps``;
+3. one text-encoder call for the batch's distinct prompts (SD3: CLIP-L and CLIP-G, 77 positions; T5
+   replaced by ``t5_length`` = 77 zero positions as in the authors' fork, unless ``use_t5=True``);
+4. each class name's token positions in its prompt (:meth:`Seg4DiffSegmenter.plan`);
 5. one transformer call per ``batch_size`` prompt rows (several images, each its own class list, and
-   the chunks of long vocabularies) with :func:`~seg4diff_fast.enable_fast_capture` at ``layer``, mode
-   ``"probs"``, head mean; all CLIP positions are captured (77 columns: cheap) and each row picks its
-   classes' positions afterwards. **Early exit**: a forward hook on the capture layer's attention module
-   raises a private exception as soon as its maps are recorded, so nothing after it runs (not even that
-   block's MLP); the maps are those of a full forward (nothing before the hook differs);
-6. class map = mean of its token maps (several layers: mean over layers first); the fused
-   :func:`~seg4diff_fast.upsample_argmax` gives labels at the image's own size and the confidence.
+   the chunks of long vocabularies) capturing ``layer`` (mode ``"probs"``, head mean); all CLIP positions
+   are captured (77 columns: cheap) and each row picks its classes' positions afterwards. **Early exit**:
+   the forward ends right after the capture layer's attention (``enable_fast_capture(stop_after=)``), so
+   nothing after it runs; the maps are those of a full forward;
+6. class map = mean of its token maps (:func:`class_scores`; several layers: mean over layers first); the
+   fused :func:`~seg4diff_fast.upsample_argmax` gives labels at the image's own size and the confidence.
 
-Vocabularies longer than one prompt (75 content tokens) are split into chunks (:mod:`.prompts`) that
+Vocabularies longer than one prompt (75 content tokens) are split into chunks (:mod:`seg4diff_fast.reader.prompts`) that
 run as extra rows of the same image (same latent, same noise). Probabilities from different prompts are
 normalised by different softmax denominators; with ``chunk_merge="image-mass"`` (the default) each
 chunk's class maps are divided, per pixel, by the probability mass that pixel gives the image keys in
@@ -40,26 +39,35 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..capture import disable_fast_capture, enable_fast_capture, get_fast_capture
 from ..ops.upsample_argmax import upsample_argmax
-from .inputs import ImageLike, as_float, resize_short_side, to_model_input, to_rgb
-from .prompts import PromptChunk, plan_prompts
+from ..reader import ImageLike, PipelineReader, PromptChunk, TextState
 from .unsupervised import DEFAULT_POWER, DEFAULT_THRESHOLD, merge_maps
 
-__all__ = ["Seg4DiffSegmenter", "SegmentationResult", "UnsupervisedResult", "CHUNK_MERGES"]
+__all__ = ["Seg4DiffSegmenter", "SegmentationResult", "UnsupervisedResult", "CHUNK_MERGES", "class_scores",
+           "confidence_of"]
 
 CHUNK_MERGES = ("image-mass", "none")
-CLIP_LEN = 77
 
 
-class _EarlyExit(Exception):
-    """Raised by the capture layer's forward hook once its maps are recorded."""
+def class_scores(rows: Sequence[tuple[PromptChunk, torch.Tensor]], merge: bool) -> torch.Tensor:
+    """One image's per-class maps (L, K, h, w) from its prompt rows: (chunk, token maps (L, T, h, w)).
+
+    A class map is the mean of its tokens' maps; with ``merge`` and several chunks each chunk's classes are
+    divided, per pixel, by the image-key mass of that chunk's softmax (module docs, ``"image-mass"``)."""
+    parts = []
+    for chunk, maps in rows:
+        cls = torch.stack([maps[:, list(pos)].mean(1) for pos in chunk.positions], dim=1)
+        if merge and len(rows) > 1:
+            mass = (1.0 - maps.double().sum(1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
+            cls = (cls.double() / mass).float()
+        parts.append(cls)
+    return torch.cat(parts, dim=1)
 
 
-def _raise_early_exit(module, args, output):
-    raise _EarlyExit
+def confidence_of(top: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The winning class's upsampled score over the sum of all classes' (0 where every score is 0)."""
+    return torch.where(total > 0, top / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(top))
 
 
 @dataclass
@@ -106,21 +114,16 @@ class UnsupervisedResult:
         return int(self.segments.shape[0])
 
 
-@dataclass
-class _Row:
-    image: int
-    prompt: str
-    chunk: PromptChunk | None = None
-
-
 class Seg4DiffSegmenter:
     """Zero-shot open-vocabulary (and unsupervised) segmentation from SD3's joint attention.
 
     Args:
         pipe: a diffusers ``StableDiffusion3Pipeline`` (SD3 / SD3.5), typically loaded with
-            ``text_encoder_3=None, tokenizer_3=None`` (the paper's setting).
+            ``text_encoder_3=None, tokenizer_3=None`` (the paper's setting); or a
+            :class:`~seg4diff_fast.reader.PipelineReader` (then the reader's settings are used and
+            ``num_inference_steps`` … ``seed``, ``use_t5``, ``t5_length``, ``early_exit``, ``backend`` are ignored).
         layer: capture block (0-based; 9 is SD3-medium's expert layer), or several (maps averaged); None:
-            the model's expert layer (:func:`~seg4diff_fast.models.model_defaults`).
+            the model's expert layer (the reader's :class:`~seg4diff_fast.reader.ModelDefaults`).
         num_inference_steps: scheduler steps the noise level is read from (28).
         noise_step: ``t = timesteps[-noise_step]`` (8: t ≈ 515, σ ≈ 0.515 on SD3).
         resolution: side of the square the image is stretched to (1024 → 64×64 tokens); None: the model's.
@@ -128,7 +131,7 @@ class Seg4DiffSegmenter:
         mode, head_reduce: capture mode and head reduction (paper: ``"probs"``, ``"mean"``).
         use_t5: encode the prompt with T5 too (needs ``text_encoder_3``); default: zero T5 positions.
         t5_length: number of T5 positions (zeros unless ``use_t5``); None: the model's
-            (:func:`~seg4diff_fast.models.model_defaults`: 77 as in the authors' fork, 0 for ShapesWorld).
+            (:class:`~seg4diff_fast.reader.ModelDefaults`: 77 as in the authors' fork, 0 for ShapesWorld).
         split_dash: a class name's text before its first ``-`` goes into the prompt (authors' rule).
         chunk_merge: how the chunks of a long vocabulary are made comparable (see the module docs).
         max_prompt_tokens: content tokens per prompt (default and maximum 75).
@@ -170,50 +173,23 @@ class Seg4DiffSegmenter:
         early_exit: bool = True,
         backend: str | None = None,
     ):
-        from diffusers import SD3Transformer2DModel
-
-        transformer = getattr(pipe, "transformer", None)
-        if not isinstance(transformer, SD3Transformer2DModel):
-            raise TypeError(
-                "Seg4DiffSegmenter needs a diffusers StableDiffusion3Pipeline (SD3 / SD3.5); got "
-                f"{type(pipe).__name__}. (Flux's protocol — T5 positions, 50 steps, [0, 1] VAE input — is not "
-                "implemented here.)"
+        if isinstance(pipe, PipelineReader):
+            self.reader = pipe
+        else:
+            self.reader = PipelineReader(
+                pipe, resolution=resolution, num_inference_steps=num_inference_steps, noise_step=noise_step,
+                seed=seed, text_length=t5_length, use_t5=use_t5, backend=backend, early_exit=early_exit,
             )
-        for name in ("vae", "tokenizer", "text_encoder", "text_encoder_2", "scheduler"):
-            if getattr(pipe, name, None) is None:
-                raise ValueError(f"Seg4DiffSegmenter: the pipeline has no {name}")
-        self.pipe = pipe
-        self.transformer = transformer
-        self.num_layers = len(transformer.transformer_blocks)
-        if layer is None or resolution is None or t5_length is None:
-            from ..models import model_defaults
-
-            defaults = model_defaults(pipe)
-            layer = defaults["layer"] if layer is None else layer
-            resolution = defaults["resolution"] if resolution is None else resolution
-            t5_length = defaults["t5_length"] if t5_length is None else t5_length
-        self.layers = self._check_layers(layer)
-        if not 1 <= int(noise_step) <= int(num_inference_steps):
-            raise ValueError(f"noise_step must be in 1..num_inference_steps ({num_inference_steps}), got {noise_step}")
-        self.num_inference_steps = int(num_inference_steps)
-        self.noise_step = int(noise_step)
-        self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        self.patch = int(transformer.config.patch_size)
-        unit = self.vae_scale * self.patch
-        if int(resolution) <= 0 or int(resolution) % unit:
-            raise ValueError(f"resolution must be a positive multiple of {unit} (VAE factor × patch), got {resolution}")
-        self.resolution = int(resolution)
-        self.seed = int(seed)
+        reader = self.reader
+        self.pipe = reader.pipe
+        self.transformer = reader.transformer
+        self.num_layers = reader.num_layers
+        self.layers = reader.check_layers(reader.defaults.layer if layer is None else layer)
         if mode not in ("probs", "logits", "sel_probs"):
             raise ValueError(f"mode must be 'probs', 'logits' or 'sel_probs', got {mode!r}")
         if head_reduce not in ("mean", "max"):
             raise ValueError(f"head_reduce must be 'mean' or 'max' for segmentation, got {head_reduce!r}")
         self.mode, self.head_reduce = mode, head_reduce
-        if use_t5 and getattr(pipe, "text_encoder_3", None) is None:
-            raise ValueError("use_t5=True needs a pipeline with text_encoder_3 (T5); this one has none")
-        if int(t5_length) < (1 if use_t5 else 0):
-            raise ValueError(f"t5_length must be >= {1 if use_t5 else 0}, got {t5_length}")
-        self.use_t5, self.t5_length = bool(use_t5), int(t5_length)
         self.split_dash = bool(split_dash)
         if chunk_merge not in CHUNK_MERGES:
             raise ValueError(f"chunk_merge must be one of {CHUNK_MERGES}, got {chunk_merge!r}")
@@ -223,158 +199,83 @@ class Seg4DiffSegmenter:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         self.short_side = None if short_side is None else int(short_side)
-        self.early_exit = bool(early_exit)
-        self.backend = backend
-        self._timestep, self._sigma = self._noise_level()
 
     # ------------------------------------------------------------------------------------------
-    # set-up
-    def _check_layers(self, layer: int | Sequence[int]) -> tuple[int, ...]:
-        layers = (layer,) if isinstance(layer, (int, np.integer)) else tuple(layer)
-        if not layers:
-            raise ValueError("give at least one layer")
-        out = []
-        for x in layers:
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= int(x) < self.num_layers:
-                raise ValueError(
-                    f"layer {x!r} is out of range: this transformer has {self.num_layers} blocks "
-                    f"(layers 0..{self.num_layers - 1})"
-                )
-            out.append(int(x))
-        if len(set(out)) != len(out):
-            raise ValueError(f"layers {out} contain duplicates")
-        return tuple(out)
-
-    def _noise_level(self) -> tuple[torch.Tensor, float]:
-        sched = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            seq = (self.resolution // self.vae_scale // self.patch) ** 2
-            kwargs["mu"] = calculate_shift(
-                seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16),
-            )
-        sched.set_timesteps(self.num_inference_steps, **kwargs)
-        self._scheduler = sched
-        t = sched.timesteps[-self.noise_step]
-        return t, float(sched.sigmas[len(sched.timesteps) - self.noise_step])
+    # the reader's settings
+    resolution = property(lambda self: self.reader.resolution, doc="Side of the square input (pixels).")
+    num_inference_steps = property(lambda self: self.reader.num_inference_steps)
+    noise_step = property(lambda self: self.reader.noise_step)
+    seed = property(lambda self: self.reader.seed, doc="Noise seed (the same for every image).")
+    use_t5 = property(lambda self: self.reader.use_t5)
+    t5_length = property(lambda self: self.reader.text_length, doc="T5 positions after the 77 CLIP ones.")
+    early_exit = property(lambda self: self.reader.early_exit)
+    backend = property(lambda self: self.reader.backend)
+    vae_scale = property(lambda self: self.reader.vae_scale)
+    patch = property(lambda self: self.reader.patch)
 
     @property
     def timestep(self) -> float:
         """The timestep the image is noised to and the transformer runs at."""
-        return float(self._timestep)
+        return float(self.reader.timestep)
 
     @property
     def sigma(self) -> float:
         """The noise level σ of that timestep (``x_t = σ·noise + (1 − σ)·latent``)."""
-        return self._sigma
+        return self.reader.sigma
+
+    def plan(self, classes: Sequence[str]) -> list[PromptChunk]:
+        """The prompt chunks of a class list and each class's token positions."""
+        return self.reader.token_positions(classes, self.max_prompt_tokens, self.split_dash)
 
     # ------------------------------------------------------------------------------------------
-    # stages
-    def _prepare(self, images: Sequence[ImageLike]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
-        """RGB float tensors (after the optional pre-resize) and each input's original (H, W)."""
-        out, sizes = [], []
-        for i, image in enumerate(images):
-            try:
-                rgb = to_rgb(image)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"image {i}: {e}") from None
-            sizes.append(tuple(rgb.shape[:2]) if isinstance(rgb, np.ndarray) else tuple(rgb.shape[-2:]))
-            if self.short_side is not None:
-                rgb = resize_short_side(rgb, self.short_side)
-            out.append(as_float(rgb))
-        return out, sizes
-
+    # stages (kept for callers of the first version; the reader has them all)
     def latents(self, images: list[torch.Tensor], pad_multiple: int | None = None) -> torch.Tensor:
-        """Noised latents x_t (B, C, h, w) in the transformer's dtype: one VAE call, per-image noise."""
-        return self.encode_latents(to_model_input(images, self.resolution, pad_multiple))
+        """Noised latents x_t (B, C, h, w) of [0, 1] float images (:meth:`PipelineReader.latents`)."""
+        return self.reader.latents(images, pad_multiple)
 
     def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
-        """Noised latents x_t from model inputs ``x`` (B, 3, R, R) in [−1, 1] (:func:`.inputs.to_model_input`):
-        one VAE call, each image its own noise from ``seed``. (Used by ``label``, whose loader workers make
-        ``x``.)"""
-        vae = self.pipe.vae
-        x = x.to(vae.device, vae.dtype)
-        with torch.no_grad():
-            latent = vae.encode(x).latent_dist.mean
-        shift = vae.config.get("shift_factor", None) or 0.0
-        latent = (latent - shift) * vae.config.scaling_factor
-        noise = torch.stack([
-            torch.randn(latent.shape[1:], generator=torch.Generator("cpu").manual_seed(self.seed), dtype=torch.float32)
-            for _ in range(latent.shape[0])
-        ]).to(latent.device, latent.dtype)
-        x_t = self._scheduler.scale_noise(latent, self._timestep[None].to(latent.device), noise)
-        return x_t.to(self.transformer.device, self.transformer.dtype)
+        """Noised latents x_t from model inputs ``x`` (:meth:`PipelineReader.noised_latents`)."""
+        return self.reader.noised_latents(x)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (P, 77 + t5_length, D), pooled (P, D')) as ``pipe.encode_prompt`` makes them with
-        ``max_sequence_length=t5_length`` (T5 positions zero unless ``use_t5``)."""
-        pipe = self.pipe
-        dev = pipe.text_encoder.device
-        with torch.no_grad():
-            pe1, pooled1 = pipe._get_clip_prompt_embeds(prompts, device=dev, clip_model_index=0)
-            pe2, pooled2 = pipe._get_clip_prompt_embeds(prompts, device=dev, clip_model_index=1)
-            clip = torch.cat([pe1, pe2], dim=-1)
-            if self.use_t5:
-                t5 = pipe._get_t5_prompt_embeds(prompts, max_sequence_length=self.t5_length, device=dev)
-            else:
-                t5 = torch.zeros(len(prompts), self.t5_length, self.transformer.config.joint_attention_dim,
-                                 device=dev, dtype=pipe.text_encoder.dtype)
-            clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-            embeds = torch.cat([clip, t5], dim=-2)
-            pooled = torch.cat([pooled1, pooled2], dim=-1)
-        tr = self.transformer
-        return embeds.to(tr.device, tr.dtype), pooled.to(tr.device, tr.dtype)
+        """(prompt_embeds, pooled) of ``prompts`` (:meth:`PipelineReader.encode_text`)."""
+        text = self.reader.encode_text(prompts)
+        return text.embeds, text.pooled
 
     def transformer_maps(self, latents: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
                          layers: Sequence[int] | None = None, all_text: bool = False) -> torch.Tensor:
-        """One transformer call with capture: float32 maps (B, L, T, h, w) of the CLIP positions (T = 77),
-        or of every text position (77 + t5_length) with ``all_text``; stops after the last capture layer
-        when ``early_exit``."""
-        tr = self.transformer
-        layers = self.layers if layers is None else self._check_layers(layers)
-        if get_fast_capture(tr) is not None:
-            raise RuntimeError("Seg4DiffSegmenter: this pipeline already has fast capture enabled; "
-                               "call disable_fast_capture(pipe) first")
-        tokens = range(embeds.shape[1]) if all_text else None
-        cap = enable_fast_capture(tr, layers=list(layers), tokens=tokens, mode=self.mode,
-                                  head_reduce=self.head_reduce, cfg=False, backend=self.backend)
-        handle = None
-        if self.early_exit:
-            handle = tr.transformer_blocks[max(layers)].attn.register_forward_hook(_raise_early_exit)
-        try:
-            with torch.no_grad():
-                try:
-                    tr(hidden_states=latents, timestep=self._timestep.expand(latents.shape[0]).to(latents.device),
-                       encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)
-                except _EarlyExit:
-                    pass
-            return cap.maps
-        finally:
-            if handle is not None:
-                handle.remove()
-            disable_fast_capture(tr)
-
-    def _run_rows(self, latents: torch.Tensor, rows: list[_Row], layers: tuple[int, ...],
-                  all_text: bool) -> list[torch.Tensor]:
-        """Maps (L, T, h, w) of every row; text encoded once for the distinct prompts."""
-        prompts = list(dict.fromkeys(r.prompt for r in rows))
-        embeds, pooled = self.encode_text(prompts)
-        which = {p: i for i, p in enumerate(prompts)}
-        out: list[torch.Tensor] = []
-        for s in range(0, len(rows), self.batch_size):
-            part = rows[s:s + self.batch_size]
-            img = torch.tensor([r.image for r in part], device=latents.device)
-            txt = torch.tensor([which[r.prompt] for r in part], device=embeds.device)
-            maps = self.transformer_maps(latents.index_select(0, img), embeds.index_select(0, txt),
-                                         pooled.index_select(0, txt), layers, all_text)
-            out.extend(maps.unbind(0))
-        return out
+        """One transformer call with capture: float32 maps (B, L, T, h, w) (:meth:`PipelineReader.read`)."""
+        text = TextState([""] * embeds.shape[0], embeds, pooled)
+        return self.reader.read(latents, text, self.layers if layers is None else layers, mode=self.mode,
+                                head_reduce=self.head_reduce, all_text=all_text)
 
     # ------------------------------------------------------------------------------------------
     # zero-shot
+    def score_latents(self, latents: torch.Tensor, plans: Sequence[Sequence[PromptChunk]],
+                      layers: int | Sequence[int] | None = None, text: TextState | None = None,
+                      batch_size: int | None = None) -> list[torch.Tensor]:
+        """Class maps (L, K, h, w) of each image of a latent batch from its prompt plan.
+
+        Args:
+            latents: (B, C, h, w) noised latents (:meth:`PipelineReader.latents`).
+            plans: per image, its chunks (:meth:`plan`).
+            layers: None: the segmenter's.
+            text: the encoded prompts of every chunk (encoded here when None: the batch's distinct prompts).
+            batch_size: prompt rows per transformer call (None: the segmenter's).
+        """
+        layers_t = self.layers if layers is None else self.reader.check_layers(layers)
+        rows = [(k, chunk) for k, plan in enumerate(plans) for chunk in plan]
+        if text is None:
+            text = self.reader.encode_text(list(dict.fromkeys(chunk.prompt for _, chunk in rows)))
+        which = {p: i for i, p in enumerate(text.prompts)}
+        merge = self.mode == "probs" and self.chunk_merge == "image-mass"
+        all_text = merge and any(len(plan) > 1 for plan in plans)
+        maps = self.reader.read_rows(latents, text, [(k, which[chunk.prompt]) for k, chunk in rows], layers_t,
+                                     batch_size=batch_size or self.batch_size, mode=self.mode,
+                                     head_reduce=self.head_reduce, all_text=all_text)
+        return [class_scores([(chunk, m) for (k, chunk), m in zip(rows, maps) if k == i], merge)
+                for i in range(len(plans))]
+
     def __call__(
         self,
         images: ImageLike | Sequence[ImageLike],
@@ -401,25 +302,19 @@ class Seg4DiffSegmenter:
         if not image_list:
             return []
         class_lists = self._class_lists(classes, len(image_list))
-        layers_t = self.layers if layers is None else self._check_layers(layers)
-        plans = [plan_prompts(c, self.pipe.tokenizer, self.max_prompt_tokens, self.split_dash) for c in class_lists]
+        layers_t = self.layers if layers is None else self.reader.check_layers(layers)
+        plans = [self.plan(c) for c in class_lists]
         results: list[Any] = []
         for s in range(0, len(image_list), self.batch_size):
             idx = range(s, min(s + self.batch_size, len(image_list)))
-            tensors, sizes = self._prepare([image_list[i] for i in idx])
-            latents = self.latents(tensors)
-            rows = [_Row(k, chunk.prompt, chunk) for k, i in enumerate(idx) for chunk in plans[i]]
-            merge = self.mode == "probs" and self.chunk_merge == "image-mass"
-            all_text = merge and any(len(plans[i]) > 1 for i in idx)
-            row_maps = self._run_rows(latents, rows, layers_t, all_text)
+            tensors, sizes = self.reader.prepare([image_list[i] for i in idx], self.short_side)
+            scores = self.score_latents(self.reader.latents(tensors), [plans[i] for i in idx], layers_t)
             for k, i in enumerate(idx):
-                mine = [(r, m) for r, m in zip(rows, row_maps) if r.image == k]
-                scores = self._class_scores(mine, merge)  # (L, K, h, w)
                 if per_layer:
-                    results.append({layer: self._finish(scores[j], sizes[k], class_lists[i], plans[i], (layer,))
+                    results.append({layer: self._finish(scores[k][j], sizes[k], class_lists[i], plans[i], (layer,))
                                     for j, layer in enumerate(layers_t)})
                 else:
-                    results.append(self._finish(scores.mean(0), sizes[k], class_lists[i], plans[i], layers_t))
+                    results.append(self._finish(scores[k].mean(0), sizes[k], class_lists[i], plans[i], layers_t))
         return results[0] if single else results
 
     @staticmethod
@@ -434,23 +329,10 @@ class Seg4DiffSegmenter:
         return [classes] * n
 
     @staticmethod
-    def _class_scores(rows: list[tuple[_Row, torch.Tensor]], merge: bool) -> torch.Tensor:
-        """Per-class maps (L, K, h, w) of one image from its prompt rows' token maps (L, T, h, w)."""
-        parts = []
-        for row, maps in rows:
-            chunk = row.chunk
-            cls = torch.stack([maps[:, list(pos)].mean(1) for pos in chunk.positions], dim=1)
-            if merge and len(rows) > 1:
-                mass = (1.0 - maps.double().sum(1, keepdim=True)).clamp_min(torch.finfo(torch.float32).tiny)
-                cls = (cls.double() / mass).float()
-            parts.append(cls)
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
     def _finish(scores: torch.Tensor, size: tuple[int, int], classes: list[str], plan: list[PromptChunk],
                 layers: tuple[int, ...]) -> SegmentationResult:
         labels, top, total = upsample_argmax(scores, size)
-        conf = torch.where(total > 0, top / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(top))
+        conf = confidence_of(top, total)
         return SegmentationResult(
             label_map=labels.cpu().numpy().astype(np.int64, copy=False),
             scores=scores.float().cpu(),
@@ -495,13 +377,15 @@ class Seg4DiffSegmenter:
             raise ValueError(f"threshold must be a positive number, got {threshold}")
         single = not isinstance(images, (list, tuple))
         image_list = [images] if single else list(images)
-        layers_t = self.layers if layers is None else self._check_layers(layers)
+        layers_t = self.layers if layers is None else self.reader.check_layers(layers)
         results: list[Any] = []
         for s in range(0, len(image_list), self.batch_size):
-            tensors, _ = self._prepare(image_list[s:s + self.batch_size])
-            latents = self.latents(tensors, pad_multiple)
-            rows = [_Row(k, "") for k in range(len(tensors))]
-            row_maps = self._run_rows(latents, rows, layers_t, all_text=False)
+            tensors, _ = self.reader.prepare(image_list[s:s + self.batch_size], self.short_side)
+            latents = self.reader.latents(tensors, pad_multiple)
+            text = self.reader.encode_text([""])
+            row_maps = self.reader.read_rows(latents, text, [(k, 0) for k in range(len(tensors))], layers_t,
+                                             batch_size=self.batch_size, mode=self.mode,
+                                             head_reduce=self.head_reduce)
             for img, maps in zip(tensors, row_maps):
                 h, w = img.shape[-2:]
                 ph = h + ((-h) % pad_multiple if pad_multiple else 0)

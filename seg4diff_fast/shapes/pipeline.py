@@ -235,12 +235,11 @@ def save_pipeline(pipe: Any, path: str = WEIGHTS_DIR, config: ShapesConfig | Non
 def load_pipeline(path: str | None = None, dtype: str = "float32", device: str | None = "cpu") -> Any:
     """The saved ShapesWorld pipeline (default: the package's ``weights/``) via the stock
     ``StableDiffusion3Pipeline.from_pretrained`` (no T5), in eval mode with gradients off."""
-    from ..models import load_pipeline as _load
+    from ..reader.loading import ModelNotAvailableError
+    from ..reader.loading import load_pipeline as _load
 
     path = path or WEIGHTS_DIR
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        from ..models import ModelNotAvailableError
-
         raise ModelNotAvailableError(f"no ShapesWorld pipeline at {path} (train one: python -m "
                                      "seg4diff_fast.shapes.train --out DIR)")
     pipe = _load(path, dtype=dtype, device=device)

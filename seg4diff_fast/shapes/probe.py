@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .grounding import evaluate_grounding
 from .pipeline import ShapesConfig, load_pipeline
-from .train import evaluate_grounding, heldout_losses, heldout_scenes
+from .train import heldout_losses, heldout_scenes
 from .world import BACKGROUND_RGB, COLORS, SHAPES, caption_for
 
 

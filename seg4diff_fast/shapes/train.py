@@ -22,7 +22,7 @@ Stages (all in one process, resumable at every checkpoint):
    generator, step; written to a temporary file then renamed), ``DIR/pipeline/`` (``save_pretrained``;
    ``DIR/best/`` + ``best.json``: the checkpoint whose best block scored the highest (A + B) / 2),
    and a **grounding evaluation** appended to ``DIR/log.jsonl``: mIoU of every block's head-mean I2T maps
-   (``Seg4DiffSegmenter`` with ``per_layer=True``) on ``--eval-scenes`` held-out scenes (seeds 0…N−1;
+   (:func:`.grounding.evaluate_grounding`) on ``--eval-scenes`` held-out scenes (seeds 0…N−1;
    training scenes use seeds from 10⁶ on), protocol A (prompt = the object classes present, background
    ignored, scenes with ≥ 2 object classes; baseline: a uniformly random present class per pixel) and B
    (background included, all scenes; baseline: all background), plus the held-out flow-matching loss with
@@ -46,12 +46,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..eval.metrics import MeanIoU
+from ..reader import family_of
+from ..utils.files import atomic_torch_save
+from .grounding import attention_budget, evaluate_grounding
 from .pipeline import ShapesConfig, build_pipeline, save_pipeline, trainable_parameters
-from .world import CLASSES, Scene, ShapesWorld
+from .world import Scene, ShapesWorld
 
-__all__ = ["CAPTION_STYLES", "TRAIN_SEED_OFFSET", "evaluate_grounding", "heldout_scenes", "images_to_tensor",
-           "main", "train", "training_caption"]
+__all__ = ["CAPTION_STYLES", "TRAIN_SEED_OFFSET", "attention_budget", "evaluate_grounding", "heldout_scenes",
+           "images_to_tensor", "main", "train", "training_caption"]
 
 TRAIN_SEED_OFFSET = 10**6
 
@@ -106,12 +108,6 @@ def training_caption(scene: Scene, rng: np.random.Generator, style: str = "world
     return " ".join(names)
 
 
-@torch.no_grad()
-def _encode_latents(vae: Any, x: torch.Tensor) -> torch.Tensor:
-    lat = vae.encode(x).latent_dist.mean
-    return (lat - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-
-
 def train_vae(pipe: Any, steps: int, size: int, lr: float = 2e-3, batch: int = 32, log: Any = None,
               stat_images: int = 512) -> dict:
     """Stage 1: train the VAE as an autoencoder, set its shift/scale from the latent statistics of
@@ -149,7 +145,7 @@ def train_vae(pipe: Any, steps: int, size: int, lr: float = 2e-3, batch: int = 3
 def fm_loss(pipe: Any, scenes: list[Scene], captions: list[str], gen: torch.Generator, t5_length: int,
             sigma: torch.Tensor | None = None, sigma_mean: float = 0.0, sigma_std: float = 1.0) -> torch.Tensor:
     """SD3 flow-matching loss of one batch (σ = sigmoid(N(sigma_mean, sigma_std)) unless given)."""
-    x0 = _encode_latents(pipe.vae, images_to_tensor(scenes))
+    x0 = family_of(pipe).encode_images(pipe, images_to_tensor(scenes))
     b = x0.shape[0]
     if sigma is None:
         sigma = torch.sigmoid(sigma_mean + sigma_std * torch.randn(b, generator=gen))
@@ -161,77 +157,6 @@ def fm_loss(pipe: Any, scenes: list[Scene], captions: list[str], gen: torch.Gene
     pred = pipe.transformer(hidden_states=x_t, timestep=sigma * 1000.0, encoder_hidden_states=pe,
                             pooled_projections=pooled, return_dict=False)[0]
     return F.mse_loss(pred, noise - x0)
-
-
-def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int = 77,
-                       batch_size: int = 16) -> dict[str, Any]:
-    """Per-block mIoU (percent) of the head-mean I2T maps, protocols A and B, and their baselines."""
-    from ..segment import Seg4DiffSegmenter
-
-    n_layers = len(pipe.transformer.transformer_blocks)
-    layers = list(range(n_layers))
-    seg = Seg4DiffSegmenter(pipe, layer=layers, resolution=size, t5_length=t5_length, batch_size=batch_size)
-    k = len(CLASSES)
-    a_scenes = [s for s in scenes if len(s.classes) >= 3]
-    out: dict[str, Any] = {"n_A": len(a_scenes), "n_B": len(scenes)}
-    rng = np.random.default_rng(0)
-    for proto, sc in (("A", a_scenes), ("B", scenes)):
-        meters = [MeanIoU(k) for _ in layers]
-        # protocol A split: scenes whose objects all differ in colour (a colour word tells them apart) and
-        # scenes where two share a colour (only the shape words do)
-        split = {True: [MeanIoU(k) for _ in layers], False: [MeanIoU(k) for _ in layers]}
-        split_n = {True: 0, False: 0}
-        base = MeanIoU(k)
-        if not sc:
-            continue
-        names = [s.object_classes if proto == "A" else s.classes for s in sc]
-        res = seg([s.image for s in sc], classes=names, per_layer=True)
-        for s, cls, r in zip(sc, names, res):
-            gt = s.global_label_map()
-            lut = np.array([CLASSES.index(c) for c in cls])
-            colours = [c.split()[0] for c in s.object_classes]
-            distinct = len(set(colours)) == len(colours)
-            if proto == "A":
-                split_n[distinct] += 1
-                gt = np.where(s.label_map == 0, 255, gt)
-                base.update(lut[rng.integers(0, len(cls), size=gt.shape)], gt)
-            else:
-                base.update(np.zeros_like(gt), gt)
-            for j, layer in enumerate(layers):
-                meters[j].update(lut[r[layer].label_map], gt)
-                if proto == "A":
-                    split[distinct][j].update(lut[r[layer].label_map], gt)
-        out[proto] = [round(m.compute()["mIoU"], 2) for m in meters]
-        out[f"{proto}_baseline"] = round(base.compute()["mIoU"], 2)
-        if proto == "A":
-            for key, flag in (("A_distinct_colours", True), ("A_shared_colour", False)):
-                out[key] = [round(m.compute()["mIoU"], 2) for m in split[flag]]
-                out[f"n_{key}"] = split_n[flag]
-    out.update(attention_budget(seg, scenes[:16]))
-    return out
-
-
-def attention_budget(seg: Any, scenes: list[Scene]) -> dict[str, list[float]]:
-    """Where image rows put their attention, per block (head mean, mean over pixels and scenes), with the
-    protocol-B prompt: ``text_mass`` = share of all text keys; ``word_key`` / ``pad_key`` / ``t5_key`` =
-    mean probability per caption-word key / per CLIP EOS-and-pad key / per zero T5 key. Grounding needs
-    words singled out (``word_key`` ≫ ``pad_key``); issue #4's failed probes had them equal."""
-    prompts = [" ".join(s.classes) for s in scenes]
-    tensors, _ = seg._prepare([s.image for s in scenes])
-    latents = seg.latents(tensors)
-    embeds, pooled = seg.encode_text(prompts)
-    maps = seg.transformer_maps(latents, embeds, pooled, all_text=True)  # (B, L, T, h, w)
-    per_key = maps.mean((-1, -2))  # (B, L, T)
-    tok = seg.pipe.tokenizer
-    n_clip = int(tok.model_max_length)
-    word, pad = torch.zeros_like(per_key[:, :, 0]), torch.zeros_like(per_key[:, :, 0])
-    for i, p in enumerate(prompts):
-        n = len(tok(p, add_special_tokens=False).input_ids)
-        word[i] = per_key[i, :, 1:1 + n].mean(-1)
-        pad[i] = per_key[i, :, 1 + n:n_clip].mean(-1)
-    t5 = per_key[:, :, n_clip:].mean(-1) if per_key.shape[-1] > n_clip else torch.zeros_like(word)
-    r = lambda x: [float(f"{v:.3g}") for v in x.mean(0).tolist()]  # noqa: E731
-    return {"text_mass": r(per_key.sum(-1)), "word_key": r(word), "pad_key": r(pad), "t5_key": r(t5)}
 
 
 @torch.no_grad()
@@ -259,12 +184,6 @@ def lr_at(step: int, steps: int, lr: float, schedule: str = "constant", warmup: 
         raise ValueError(f"unknown lr schedule {schedule!r}")
     frac = min(1.0, (step - warmup) / max(1, steps - warmup))
     return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac)))
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def _state(pipe: Any, opt: Any, gen: torch.Generator, step: int, cfg: ShapesConfig, args: dict) -> dict:
@@ -337,11 +256,11 @@ def train(out: str, steps: int = 3000, resume: bool = False, batch: int = 32, lr
              "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())})
         train_vae(pipe, targs["vae_steps"], cfg.size, batch=vae_batch, log=log, stat_images=vae_stat_images)
         start = 0
-        _atomic_save(_state(pipe, opt, gen, 0, cfg, targs), ckpt_path)
+        atomic_torch_save(_state(pipe, opt, gen, 0, cfg, targs), ckpt_path)
     heldout = heldout_scenes(eval_scenes, cfg.size) if evaluate else []
 
     def checkpoint(step: int) -> None:
-        _atomic_save(_state(pipe, opt, gen, step, cfg, targs), ckpt_path)
+        atomic_torch_save(_state(pipe, opt, gen, step, cfg, targs), ckpt_path)
         if save_pipeline_every_ckpt:
             save_pipeline(pipe, os.path.join(out, "pipeline"), cfg)
         if evaluate:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "write_json", "palette"]
+__all__ = ["TMP_SUFFIX", "atomic_torch_save", "atomic_write", "write_json", "palette"]
 
 TMP_SUFFIX = ".s4d-tmp"
 _counter = itertools.count()
@@ -83,6 +83,13 @@ def atomic_write(path: str, data: bytes | Callable[[Any], None], fsync: bool = T
         raise
     if fsync:
         _fsync_dir(folder)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_write`): checkpoints are never half-written."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -1,12 +1,13 @@
 """MAGNET on ShapesWorld: does a LoRA trained on a weak block raise that block's zero-shot mIoU?
 
 Measures on held-out scenes, before and after :func:`~seg4diff_fast.magnet.train_magnet` on the
-embedded pipeline: per-block mIoU (protocols A and B, as :func:`.train.evaluate_grounding`), the held-out
-flow-matching loss (same σ and noise before and after), and generation grounding (images generated
-from single-object captions: the caption's colour must dominate inside the object's own predicted
-mask, read from the maps captured during generation).
+embedded pipeline: per-block mIoU (protocols A and B, as
+:func:`seg4diff_fast.shapes.grounding.evaluate_grounding`), the held-out flow-matching loss (same σ and
+noise before and after), and generation grounding
+(:func:`seg4diff_fast.shapes.grounding.generation_grounding`: images generated from single-object captions;
+the caption's colour must dominate inside the object's own predicted mask).
 
-    python -m seg4diff_fast.shapes.magnet_check --layer 2 --steps 600 --out runs/magnet_shapes
+    python -m seg4diff_fast.magnet.shapes_check --layer 2 --steps 600 --out runs/magnet_shapes
 """
 
 from __future__ import annotations
@@ -17,60 +18,14 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-import torch
+from ..shapes.grounding import evaluate_grounding, generation_grounding
+from ..shapes.shipped import EXPERT_LAYER, SIZE, T5_LENGTH
 
-from .shipped import EXPERT_LAYER, SIZE, T5_LENGTH
-from .world import BACKGROUND, BACKGROUND_RGB, COLORS, SHAPES, caption_for
-
-__all__ = ["generation_grounding", "magnet_check"]
-
-
-@torch.no_grad()
-def generation_grounding(pipe: Any, layer: int, n: int = 12, steps: int = 20, guidance: float = 4.0,
-                         t5_length: int = T5_LENGTH, size: int = SIZE) -> dict[str, float]:
-    """Generate "<colour> <shape> on background" images with capture at ``layer`` (mean over the last
-    half of the steps); the object's predicted mask = pixels whose class map (mean of its tokens' maps)
-    beats the background token's. Score: the share of images whose most frequent palette colour inside
-    that mask is the caption's (chance 1/4), and the mean share of the mask's pixels in that colour."""
-    from ..capture import disable_fast_capture, enable_fast_capture
-
-    palette = np.array([BACKGROUND_RGB] + list(COLORS.values()), dtype=np.float32)
-    names = list(COLORS)
-    hits, purity = 0, []
-    for i in range(n):
-        colour, shape = names[i % len(names)], SHAPES[(i // len(names) + i) % len(SHAPES)]
-        obj = f"{colour} {shape}"
-        prompt = caption_for([obj])
-        ids = pipe.tokenizer(prompt)["input_ids"]
-        word_ids = {w: pipe.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (colour, shape, BACKGROUND)}
-        pos = {w: ids.index(t) for w, t in word_ids.items()}  # the words' positions in the caption
-        cap = enable_fast_capture(pipe, layers=[layer], steps=range(steps // 2, steps), cfg=True)
-        try:
-            img = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
-                       max_sequence_length=t5_length, generator=torch.Generator().manual_seed(i)).images[0]
-            maps = cap.maps[0, 0]  # (T, h, w)
-        finally:
-            disable_fast_capture(pipe)
-        obj_map = (maps[pos[colour]] + maps[pos[shape]]) / 2
-        up = torch.nn.functional.interpolate(torch.stack([obj_map, maps[pos[BACKGROUND]]])[None], (size, size),
-                                             mode="bilinear", align_corners=False)[0]
-        mask = (up[0] > up[1]).numpy()
-        px = np.asarray(img, dtype=np.float32).reshape(-1, 3)
-        nearest = np.argmin(((px[:, None] - palette[None]) ** 2).sum(-1), axis=1).reshape(size, size)
-        inside = nearest[mask]
-        if inside.size == 0:
-            purity.append(0.0)
-            continue
-        counts = np.bincount(inside, minlength=len(palette))[1:]
-        hits += int(names[int(np.argmax(counts))] == colour)
-        purity.append(float((inside == 1 + names.index(colour)).mean()))
-    return {"gen_mask_colour_acc": round(hits / n, 3), "gen_mask_colour_purity": round(float(np.mean(purity)), 3),
-            "gen_chance": round(1 / len(names), 3)}
+__all__ = ["generation_grounding", "magnet_check"]  # generation_grounding: re-exported
 
 
 def _measure(pipe: Any, scenes: list, layer: int, t5_length: int, size: int, generate: int) -> dict[str, Any]:
-    from .train import evaluate_grounding, heldout_losses
+    from ..shapes.train import heldout_losses
 
     pipe.transformer.eval()
     res = evaluate_grounding(pipe, scenes, size, t5_length=t5_length)
@@ -88,9 +43,11 @@ def magnet_check(layer: int = 2, steps: int = 600, scenes: int = 200, out: str |
     and the training summary (and writes ``magnet_check.json`` / ``.md`` into ``out`` when given)."""
     import tempfile
 
-    from ..magnet import MagnetConfig, ShapesMagnetData, train_magnet
-    from .pipeline import load_pipeline
-    from .train import heldout_scenes
+    from ..shapes.pipeline import load_pipeline
+    from ..shapes.train import heldout_scenes
+    from .config import MagnetConfig
+    from .data import ShapesMagnetData
+    from .train import train_magnet
 
     pipe = pipe if pipe is not None else load_pipeline()
     held = heldout_scenes(scenes, SIZE)

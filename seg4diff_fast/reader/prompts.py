@@ -1,0 +1,135 @@
+"""Prompts from class names, the class tokens' positions in them, and vocabulary chunking.
+
+SEG4DIFF.md: the prompt is the class names joined by single spaces (a name's text before its first
+``-``, as in the authors' code, unless ``split_dash=False``); CLIP, 77 positions, BOS at 0; class j's
+tokens are those of the name tokenized alone (BOS/EOS dropped), n_j of them, and the names occupy
+consecutive positions starting at 1. A prompt holds at most ``77 − 2 = 75`` content tokens; a vocabulary
+that does not fit is split, in order, into as few consecutive chunks as greedily fit, each its own
+prompt (the authors do not guard this; their maps become NaN past 77).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PromptChunk", "clean_name", "plan_prompts", "content_limit"]
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """One prompt of a vocabulary.
+
+    Attributes:
+        prompt: the text given to the CLIP tokenizers.
+        classes: indices (into the full class list) of the classes it holds, in order.
+        positions: for each of those classes, its CLIP token positions in the prompt (BOS at 0).
+    """
+
+    prompt: str
+    classes: tuple[int, ...]
+    positions: tuple[tuple[int, ...], ...]
+
+
+def clean_name(name: str, split_dash: bool = True) -> str:
+    """The text of a class name that goes into the prompt: before the first ``-`` (the authors' rule for
+    COCO-Stuff names such as ``"wall-brick"``) unless ``split_dash=False``; surrounding spaces stripped.
+
+    Example:
+        >>> clean_name("wall-brick"), clean_name("bed "), clean_name("t-shirt", split_dash=False)
+        ('wall', 'bed', 't-shirt')
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"class names must be strings, got {type(name).__name__}")
+    if split_dash:
+        name = name.split("-", 1)[0]
+    return " ".join(name.split())
+
+
+def content_limit(tokenizer: Any) -> int:
+    """Content tokens a prompt can hold: the tokenizer's length (77) minus BOS and EOS."""
+    empty = tokenizer("")["input_ids"]
+    return int(tokenizer.model_max_length) - len(empty)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        v = getattr(tokenizer, name, None)
+        if v is not None:
+            ids.add(int(v))
+    return ids
+
+
+def plan_prompts(
+    names: Sequence[str], tokenizer: Any, max_tokens: int | None = None, split_dash: bool = True
+) -> list[PromptChunk]:
+    """Split a class list into prompts that fit and locate every class's tokens.
+
+    Args:
+        names: class names (at least one).
+        tokenizer: the pipeline's first CLIP tokenizer (SD3's two CLIP tokenizers share the vocabulary).
+        max_tokens: content tokens per prompt; default and maximum :func:`content_limit` (75).
+        split_dash: keep only the text before a name's first ``-`` (the authors' rule).
+
+    Returns:
+        One :class:`PromptChunk` per prompt, classes in their given order (one chunk when all fit).
+
+    Raises:
+        ValueError: an empty list, a name that tokenizes to nothing (or only to special / unknown
+            tokens), a single name longer than a prompt.
+
+    Example:
+        >>> from seg4diff_fast.testing import tiny_clip_tokenizer
+        >>> [c.positions for c in plan_prompts(["cat", "sofa", "red car"], tiny_clip_tokenizer())]
+        [((1,), (2, 3), (4, 5))]
+        >>> [c.prompt for c in plan_prompts(["cat", "sofa", "red car"], tiny_clip_tokenizer(), max_tokens=3)]
+        ['cat sofa', 'red car']
+    """
+    names = list(names)
+    if not names:
+        raise ValueError("the class list is empty; give at least one class name")
+    limit = content_limit(tokenizer)
+    max_tokens = limit if max_tokens is None else int(max_tokens)
+    if not 1 <= max_tokens <= limit:
+        raise ValueError(f"max_tokens must be in 1..{limit}, got {max_tokens}")
+    specials = _special_ids(tokenizer)
+    texts, counts = [], []
+    for name in names:
+        text = clean_name(name, split_dash)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if not ids or all(i in specials for i in ids):
+            raise ValueError(f"class name {name!r} tokenizes to nothing (no usable CLIP tokens)")
+        if len(ids) > max_tokens:
+            raise ValueError(
+                f"class name {name!r} takes {len(ids)} CLIP tokens, more than a prompt holds ({max_tokens})"
+            )
+        texts.append(text)
+        counts.append(len(ids))
+
+    groups: list[list[int]] = [[]]
+    used = 0
+    for j, n in enumerate(counts):
+        if used + n > max_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(j)
+        used += n
+
+    bos = 1 if tokenizer("")["input_ids"][:1] == [getattr(tokenizer, "bos_token_id", None)] else 0
+    chunks = []
+    for group in groups:
+        prompt = " ".join(texts[j] for j in group)
+        positions, pos = [], bos
+        for j in group:
+            positions.append(tuple(range(pos, pos + counts[j])))
+            pos += counts[j]
+        whole = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if len(whole) != pos - bos:  # the names must tokenize the same alone and joined
+            raise ValueError(
+                f"the prompt {prompt!r} tokenizes to {len(whole)} tokens but its names alone to {pos - bos}; "
+                "class positions would be wrong"
+            )
+        chunks.append(PromptChunk(prompt, tuple(group), tuple(positions)))
+    return chunks
