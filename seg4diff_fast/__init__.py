@@ -27,7 +27,7 @@ Example:
 """
 
 from .capture import FastCapture, disable_fast_capture, enable_fast_capture
-from .eval.metrics import MeanIoU
+from .evaluation.metrics import MeanIoU
 from .label import label_images
 from .ops.joint_attention import joint_attention
 from .ops.upsample_argmax import upsample_argmax

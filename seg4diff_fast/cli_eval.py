@@ -77,8 +77,8 @@ def _table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .eval.datasets import DATASETS, SegDataset, load_classnames
-    from .eval.runner import evaluate
+    from .evaluation.datasets import DATASETS, SegDataset, load_classnames
+    from .evaluation.runner import evaluate
     from .models import ModelNotAvailableError, load_pipeline, quiet_loading
     from .reader import PipelineReader
     from .segment import Seg4DiffSegmenter

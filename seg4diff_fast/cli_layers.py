@@ -44,7 +44,7 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .eval.layers import attention_block_mass, format_layer_table, write_layer_report
+    from .evaluation.layers import attention_block_mass, format_layer_table, write_layer_report
     from .models import ModelNotAvailableError, default_model_path, load_pipeline, quiet_loading
     from .reader import MODEL_CONFIG_FILE, resolve_defaults
     from .shapes.grounding import layer_sweep

@@ -15,7 +15,7 @@ circles, squares and triangles on a plain background, :mod:`seg4diff_fast.shapes
    runs on one thread: its ops are too small for intra-op threads to pay);
 3. writes ``OUT/scene_XX_overlay.png`` per scene: image | ground truth | prediction at the expert block
    (``--layer``; default the model's), upscaled ×8, colours from the label palette, with a legend;
-4. scores every block (mIoU in %, dataset-level over the scenes, :class:`~seg4diff_fast.eval.metrics.MeanIoU`
+4. scores every block (mIoU in %, dataset-level over the scenes, :class:`~seg4diff_fast.evaluation.metrics.MeanIoU`
    over the world's 13 classes), each beside its trivial baseline, as the training evaluation does:
 
    - protocol A: prompt = the object classes present, background pixels ignored, scenes with ≥ 2 objects;

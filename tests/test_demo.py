@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from seg4diff_fast import cli, demo
-from seg4diff_fast.eval.metrics import MeanIoU
+from seg4diff_fast.evaluation.metrics import MeanIoU
 from seg4diff_fast.segment import Seg4DiffSegmenter
-from seg4diff_fast.shapes import CLASSES, EXPERT_LAYER, load_pipeline
+from seg4diff_fast.shapes import CLASSES, EXPERT_LAYER, load_shapes_pipeline
 from seg4diff_fast.shapes.demo_data import DEMO_DIR, NUM_DEMO_SCENES, load_demo_scenes, make_demo_images
 
 
@@ -67,7 +67,7 @@ def test_json_miou_matches_independent_recomputation(demo_run, layer):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        seg = Seg4DiffSegmenter(load_pipeline(), layer=layer, resolution=32, seed=0, batch_size=len(scenes))
+        seg = Seg4DiffSegmenter(load_shapes_pipeline(), layer=layer, resolution=32, seed=0, batch_size=len(scenes))
         for proto in ("A", "B"):
             sc = [s for s in scenes if proto == "B" or len(s.object_classes) >= 2]
             names = [s.classes if proto == "B" else s.object_classes for s in sc]

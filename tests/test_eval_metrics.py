@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from seg4diff_fast import MeanIoU
-from seg4diff_fast.eval import DATASETS, SegDataset, hungarian_match, load_classnames
+from seg4diff_fast.evaluation import DATASETS, SegDataset, load_classnames, match_segments_to_classes
 
 
 def _rng():
@@ -98,7 +98,7 @@ def test_hungarian_matches_brute_force():
         gt = rng.integers(0, k, shape)
         gt[rng.random(shape) < 0.15] = 255
         best, maps, hist = _brute_force(seg, gt, k, 255)
-        matched = hungarian_match(seg, gt, k, 255)
+        matched = match_segments_to_classes(seg, gt, k, 255)
         lut = {int(a): int(b) for a, b in zip(seg.ravel(), matched.ravel())}
         got = sum(hist[a, b] for a, b in lut.items() if b >= 0)
         assert got == best

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from seg4diff_fast import cli
-from seg4diff_fast.eval.layers import SHARES, attention_block_mass, write_layer_report
-from seg4diff_fast.eval.metrics import MeanIoU
+from seg4diff_fast.evaluation.layers import SHARES, attention_block_mass, write_layer_report
+from seg4diff_fast.evaluation.metrics import MeanIoU
 from seg4diff_fast.reader import PipelineReader
 from seg4diff_fast.segment import Seg4DiffSegmenter
 from seg4diff_fast.shapes.grounding import layer_sweep
@@ -23,9 +23,9 @@ PROMPTS = ["a cat on a red sofa", "dog", "red car and grass"]
 
 @pytest.fixture(scope="module")
 def shapes_pipe(one_thread):
-    from seg4diff_fast.shapes import load_pipeline
+    from seg4diff_fast.shapes import load_shapes_pipeline
 
-    return load_pipeline()
+    return load_shapes_pipeline()
 
 
 @pytest.fixture(scope="module")

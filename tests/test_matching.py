@@ -1,4 +1,4 @@
-"""match_costs against a float64 per-pair loop; hungarian_match against brute force and a planted matching."""
+"""match_costs against a float64 per-pair loop; match_masks against brute force and a planted matching."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import fresh_seed
 from scipy.optimize import linear_sum_assignment
 
-from seg4diff_fast.magnet import hungarian_match, match_costs
+from seg4diff_fast.magnet import match_costs, match_masks
 
 
 def pair_cost_ref(x, t, focal_weight=0.02, dice_weight=1.0, alpha=0.25, gamma=2.0):
@@ -77,7 +77,7 @@ def brute_force(cost: torch.Tensor) -> float:
 def test_assignment_is_optimal(p, m):
     seed = fresh_seed()
     pred, target = make(p, m, 6, 6, 12, 12, seed)
-    pred_idx, tgt_idx = hungarian_match(pred, target)
+    pred_idx, tgt_idx = match_masks(pred, target)
     n = min(p, m)
     assert pred_idx.dtype == torch.int64 and tgt_idx.dtype == torch.int64
     assert len(pred_idx) == len(tgt_idx) == n
@@ -99,7 +99,7 @@ def test_planted_matching_is_recovered(p, m, device):
     sigma = torch.randperm(p, generator=g)[:m]  # target j is prediction sigma[j], thresholded, at 2× size
     small = pred[sigma] > 0
     target = small.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-    pred_idx, tgt_idx = hungarian_match(pred.to(device), target.to(device))
+    pred_idx, tgt_idx = match_masks(pred.to(device), target.to(device))
     assert tgt_idx.tolist() == list(range(m))
     assert pred_idx.tolist() == sigma.tolist(), f"seed={seed}"
 
@@ -107,7 +107,7 @@ def test_planted_matching_is_recovered(p, m, device):
 def test_empty_sides_and_errors():
     pred, target = make(3, 2, 4, 4, 4, 4, 0)
     assert match_costs(pred, target[:0]).shape == (3, 0)
-    for a, b in (hungarian_match(pred, target[:0]), hungarian_match(pred[:0], target)):
+    for a, b in (match_masks(pred, target[:0]), match_masks(pred[:0], target)):
         assert a.numel() == 0 and b.numel() == 0 and a.dtype == torch.int64
     with pytest.raises(ValueError, match="3-D"):
         match_costs(pred[0], target)
@@ -118,4 +118,4 @@ def test_empty_sides_and_errors():
     bad = pred.clone()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        hungarian_match(bad, target)
+        match_masks(bad, target)

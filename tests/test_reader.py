@@ -205,12 +205,19 @@ def test_noise_is_per_image_and_matches_the_scheduler(sd3):
     for b in range(2):
         want = reader.sigma * noise.double() + (1 - reader.sigma) * clean[b].double()
         torch.testing.assert_close(noised[b].double(), want, rtol=1e-5, atol=1e-5)
+    own = reader.noise(clean, seeds=[5, 11])
+    assert torch.equal(own[0], noised[0])
+    other = torch.randn(clean.shape[1:], generator=torch.Generator("cpu").manual_seed(11))
+    want = reader.sigma * other.double() + (1 - reader.sigma) * clean[1].double()
+    torch.testing.assert_close(own[1].double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 latents"):
+        reader.noise(clean, seeds=[1])
 
 
 def test_defaults_as_data():
-    from seg4diff_fast.shapes import EXPERT_LAYER, SIZE, T5_LENGTH, load_pipeline
+    from seg4diff_fast.shapes import EXPERT_LAYER, SIZE, T5_LENGTH, load_shapes_pipeline
 
-    shapes = resolve_defaults(load_pipeline())
+    shapes = resolve_defaults(load_shapes_pipeline())
     assert (shapes.layer, shapes.resolution, shapes.text_length) == (EXPERT_LAYER, SIZE, T5_LENGTH)
     assert shapes.source.endswith("shapes_config.json")
     sd3 = resolve_defaults(tiny_sd3_pipeline(t5=False))

@@ -24,9 +24,9 @@ WEAK_LAYER = 2  # a block that grounds poorly zero-shot (A 26.1, B 17.5): MAGNET
 
 @pytest.fixture(scope="module")
 def pipe():
-    from seg4diff_fast.shapes import load_pipeline
+    from seg4diff_fast.shapes import load_shapes_pipeline
 
-    return load_pipeline()
+    return load_shapes_pipeline()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_expert_layer_is_the_sweep_best_and_stable_across_seeds(pipe, sweep):
     """Protocol A's best block is EXPERT_LAYER on the fixed held-out set, and again with other noise seeds
     on other held-out scenes."""
     from seg4diff_fast import Seg4DiffSegmenter
-    from seg4diff_fast.eval import MeanIoU
+    from seg4diff_fast.evaluation import MeanIoU
     from seg4diff_fast.shapes import CLASSES, ShapesWorld
 
     assert int(np.argmax(sweep["A"])) == EXPERT_LAYER
@@ -81,10 +81,10 @@ def test_generation_puts_the_named_colour_in_the_objects_own_mask(pipe):
 def test_magnet_short_run_lifts_a_weak_block(tmp_path):
     """A short MAGNET run on block WEAK_LAYER: the mask loss falls and that block's mIoU rises."""
     from seg4diff_fast.magnet import MagnetConfig, ShapesMagnetData, train_magnet
-    from seg4diff_fast.shapes import load_pipeline
+    from seg4diff_fast.shapes import load_shapes_pipeline
 
     torch.set_num_threads(1)
-    pipe = load_pipeline()
+    pipe = load_shapes_pipeline()
     scenes = heldout_scenes(64, SIZE)
     before = evaluate_grounding(pipe, scenes, SIZE, t5_length=T5_LENGTH)
     cfg = MagnetConfig(layer=WEAK_LAYER, max_steps=150, batch_size=16, lr=3e-3, warmup_steps=5, resolution=SIZE,
@@ -100,7 +100,7 @@ def test_magnet_short_run_lifts_a_weak_block(tmp_path):
 
 def test_the_shipped_facts_and_the_plain_segmenter_call(pipe):
     """The weights carry the facts the package states, and the issue's plain call
-    ``Seg4DiffSegmenter(load_pipeline(), layer=EXPERT_LAYER, resolution=SIZE)`` reads the model's own text
+    ``Seg4DiffSegmenter(load_shapes_pipeline(), layer=EXPERT_LAYER, resolution=SIZE)`` reads the model's own text
     layout and segments held-out scenes with either class list (measured on these 100 scenes: mIoU with
     background prompted 47, object pixels right with the object classes alone 89 %)."""
     from seg4diff_fast import MeanIoU, Seg4DiffSegmenter

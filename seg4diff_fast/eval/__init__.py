@@ -1,17 +1,27 @@
-"""Evaluation: mIoU (dataset-level confusion matrix), the unsupervised Hungarian protocol, benchmark
-loaders in their standard prepared layouts, and the evaluation loop behind ``seg4diff-fast eval``."""
+"""Deprecated name of :mod:`seg4diff_fast.evaluation` (a package named ``eval`` shadows the builtin in reading).
 
-from .datasets import DATASETS, SegDataset, load_classnames
-from .metrics import MeanIoU, hungarian_match, overlap_histogram
-from .runner import PROTOCOLS, evaluate
+``import seg4diff_fast.eval``, ``from seg4diff_fast.eval.metrics import MeanIoU`` etc. keep working: the
+submodules are the very modules of :mod:`seg4diff_fast.evaluation`. Import from there instead.
+"""
 
-__all__ = [
-    "DATASETS",
-    "MeanIoU",
-    "PROTOCOLS",
-    "SegDataset",
-    "evaluate",
-    "hungarian_match",
-    "load_classnames",
-    "overlap_histogram",
-]
+import sys
+import warnings
+
+from .. import evaluation
+from ..evaluation import *  # noqa: F403
+from ..evaluation import (
+    __all__,  # noqa: F401
+    datasets,
+    layers,
+    metrics,
+    runner,
+)
+
+for _module in (datasets, layers, metrics, runner):
+    sys.modules[f"{__name__}.{_module.__name__.rsplit('.', 1)[1]}"] = _module
+
+warnings.warn("seg4diff_fast.eval is deprecated; import seg4diff_fast.evaluation", DeprecationWarning, stacklevel=2)
+
+
+def __getattr__(name: str):  # names the package resolves lazily (deprecated ones)
+    return getattr(evaluation, name)

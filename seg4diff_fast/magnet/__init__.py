@@ -15,7 +15,7 @@ from .data import CocoMagnetData, MagnetSample, SA1BMagnetData, ShapesMagnetData
 from .head import MapHead
 from .lora import add_magnet_lora, load_magnet_lora, save_magnet_lora
 from .losses import focal_dice_loss
-from .matching import hungarian_match, match_costs
+from .matching import match_costs, match_masks
 from .train import train_magnet
 
 __all__ = [
@@ -27,10 +27,18 @@ __all__ = [
     "ShapesMagnetData",
     "add_magnet_lora",
     "focal_dice_loss",
-    "hungarian_match",
+    "match_masks",
     "load_magnet_lora",
     "match_costs",
     "open_magnet_data",
     "save_magnet_lora",
     "train_magnet",
 ]
+
+
+def __getattr__(name: str):  # the 0.1.0 name, kept importable
+    if name == "hungarian_match":
+        from . import matching as _m
+
+        return getattr(_m, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

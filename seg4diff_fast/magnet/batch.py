@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..reader.images import as_float, to_model_input, to_rgb
 from ..reader.prompts import plan_prompts
-from .matching import hungarian_match
+from .matching import match_masks
 
 __all__ = ["PreparedData", "TokenPlan", "plan_tokens", "predictions_and_targets", "collate_prepared"]
 
@@ -142,7 +142,7 @@ def predictions_and_targets(
         cand = cand.flatten(0, 1) if per_head else cand  # every head's every caption token
         if head is not None:
             cand = head(cand)
-        pi, ti = hungarian_match(cand.detach(), m, focal_weight=match_focal_weight, dice_weight=match_dice_weight,
+        pi, ti = match_masks(cand.detach(), m, focal_weight=match_focal_weight, dice_weight=match_dice_weight,
                                  alpha=focal_alpha, gamma=focal_gamma)
         preds.append(cand[pi.to(cand.device)])
         tgts.append(m[ti.to(m.device)])

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..eval.datasets import IMAGE_EXTENSIONS
+from ..evaluation.datasets import IMAGE_EXTENSIONS
 from ..reader.prompts import clean_name
 from ..shapes.world import BACKGROUND, ShapesWorld
 

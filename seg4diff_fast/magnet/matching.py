@@ -2,7 +2,7 @@
 
 The cost of pairing prediction i with target j is ``focal_weight·focal[i, j] + dice_weight·dice[i, j]`` on
 the token grid (targets downsampled with nearest interpolation), computed for all pairs at once with two
-matmuls per term; :func:`hungarian_match` solves the assignment with ``scipy.optimize.linear_sum_assignment``.
+matmuls per term; :func:`match_masks` solves the assignment with ``scipy.optimize.linear_sum_assignment``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["match_costs", "hungarian_match"]
+__all__ = ["match_costs", "match_masks"]
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def match_costs(
     return focal_weight * focal + dice_weight * dice
 
 
-def hungarian_match(
+def match_masks(
     pred: torch.Tensor,
     target: torch.Tensor,
     focal_weight: float = 0.02,
@@ -98,12 +98,12 @@ def hungarian_match(
 
     Example:
         >>> import torch
-        >>> from seg4diff_fast.magnet import hungarian_match
+        >>> from seg4diff_fast.magnet import match_masks
         >>> target = torch.zeros(2, 4, 4, dtype=torch.bool)
         >>> target[0, :2] = True
         >>> target[1, 2:] = True
         >>> pred = torch.stack([target[1], torch.zeros(4, 4, dtype=torch.bool), target[0]]).float() * 10 - 5
-        >>> pred_idx, tgt_idx = hungarian_match(pred, target)
+        >>> pred_idx, tgt_idx = match_masks(pred, target)
         >>> pred_idx.tolist(), tgt_idx.tolist()
         ([2, 0], [0, 1])
     """
@@ -113,7 +113,7 @@ def hungarian_match(
         return empty, empty.clone()
     cost_np = cost.cpu().double().numpy()
     if not np.isfinite(cost_np).all():
-        raise ValueError("hungarian_match: the cost matrix has NaN or inf entries; check pred for NaN/inf logits")
+        raise ValueError("match_masks: the cost matrix has NaN or inf entries; check pred for NaN/inf logits")
     rows, cols = linear_sum_assignment(cost_np)
     order = np.argsort(cols, kind="stable")
     return torch.as_tensor(rows[order], dtype=torch.int64), torch.as_tensor(cols[order], dtype=torch.int64)
@@ -136,3 +136,12 @@ def _check(pred, target) -> None:
         raise ValueError(
             f"match_costs: empty spatial size (pred {tuple(pred.shape)}, target {tuple(target.shape)})"
         )
+
+
+def __getattr__(name: str):  # the 0.1.0 name, kept importable
+    if name == "hungarian_match":
+        import warnings
+
+        warnings.warn("hungarian_match is deprecated; use match_masks", DeprecationWarning, stacklevel=2)
+        return match_masks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,13 +43,13 @@ def magnet_check(layer: int = 2, steps: int = 600, scenes: int = 200, out: str |
     and the training summary (and writes ``magnet_check.json`` / ``.md`` into ``out`` when given)."""
     import tempfile
 
-    from ..shapes.pipeline import load_pipeline
+    from ..shapes.pipeline import load_shapes_pipeline
     from ..shapes.train import heldout_scenes
     from .config import MagnetConfig
     from .data import ShapesMagnetData
     from .train import train_magnet
 
-    pipe = pipe if pipe is not None else load_pipeline()
+    pipe = pipe if pipe is not None else load_shapes_pipeline()
     held = heldout_scenes(scenes, SIZE)
     t0 = time.perf_counter()
     before = _measure(pipe, held, layer, T5_LENGTH, SIZE, generate)

@@ -192,12 +192,15 @@ class PipelineReader:
         """Clean latents of a model-input batch: one VAE call, in the VAE's dtype."""
         return self.family.encode_images(self.pipe, x)
 
-    def noise(self, latents: torch.Tensor) -> torch.Tensor:
-        """``x_t`` at :attr:`timestep`, each image its own noise from ``seed``; in the transformer's dtype."""
+    def noise(self, latents: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """``x_t`` at :attr:`timestep`, each image its own noise (``seeds``, one per image; default ``seed`` for
+        every image: a result never depends on batching); in the transformer's dtype."""
+        seeds = [self.seed] * latents.shape[0] if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != latents.shape[0]:
+            raise ValueError(f"noise: {len(seeds)} seeds for {latents.shape[0]} latents")
         noise = torch.stack([
-            torch.randn(latents.shape[1:], generator=torch.Generator("cpu").manual_seed(self.seed),
-                        dtype=torch.float32)
-            for _ in range(latents.shape[0])
+            torch.randn(latents.shape[1:], generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+            for seed in seeds
         ]).to(latents.device, latents.dtype)
         x_t = self.family.add_noise(self.scheduler, latents, self._timestep[None].to(latents.device), noise)
         return x_t.to(self.transformer.device, self.transformer.dtype)

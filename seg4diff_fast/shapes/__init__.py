@@ -2,7 +2,7 @@
 
 - :mod:`.world`: :class:`ShapesWorld` scenes (image, caption, classes, label map, masks), :data:`CLASSES`.
 - :mod:`.pipeline`: :func:`build_pipeline` (a real ``StableDiffusion3Pipeline`` from a config),
-  :func:`load_pipeline` / :func:`save_pipeline` (the package's ``weights/`` folder).
+  :func:`load_shapes_pipeline` / :func:`save_pipeline` (the package's ``weights/`` folder).
 - :mod:`.train`: ``python -m seg4diff_fast.shapes.train --out DIR`` (flow matching, resumable, grounding
   tracked per block at every checkpoint).
 """
@@ -21,7 +21,7 @@ __all__ = [
     "caption_for",
     "ShapesConfig",
     "build_pipeline",
-    "load_pipeline",
+    "load_shapes_pipeline",
     "save_pipeline",
     "WEIGHTS_DIR",
     "EXPERT_LAYER",
@@ -31,7 +31,7 @@ __all__ = [
 
 
 def __getattr__(name: str):  # the pipeline part imports torch/diffusers: load it lazily
-    if name in ("ShapesConfig", "build_pipeline", "load_pipeline", "save_pipeline"):
+    if name in ("ShapesConfig", "build_pipeline", "load_shapes_pipeline", "save_pipeline", "load_pipeline"):
         from . import pipeline
 
         return getattr(pipeline, name)

@@ -7,7 +7,7 @@
 - **B**: background included as a class, every scene; baseline: all background.
 
 mIoU is over the world's 13 classes (:data:`~seg4diff_fast.shapes.world.CLASSES`), dataset-level
-(:class:`~seg4diff_fast.eval.metrics.MeanIoU`), in percent.
+(:class:`~seg4diff_fast.evaluation.metrics.MeanIoU`), in percent.
 
 :class:`GroundingScore` is the scorer (used by the trainer's checkpoints, the probe, the layer sweep, the
 demo and the tests); :func:`evaluate_grounding` scores every block through
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..eval.metrics import MeanIoU
+from ..evaluation.metrics import MeanIoU
 from .world import CLASSES, Scene
 
 __all__ = ["PROTOCOLS", "GroundingScore", "attention_budget", "evaluate_grounding", "generation_grounding",
@@ -223,9 +223,9 @@ def layer_sweep(
         [per block][per head] (when ``per_head``), "A_baseline", "B_baseline"}``.
 
     Example:
-        >>> from seg4diff_fast.shapes import ShapesWorld, load_pipeline
+        >>> from seg4diff_fast.shapes import ShapesWorld, load_shapes_pipeline
         >>> scenes = [ShapesWorld(i).sample() for i in range(4)]
-        >>> r = layer_sweep(load_pipeline(device="cpu"), scenes)
+        >>> r = layer_sweep(load_shapes_pipeline(device="cpu"), scenes)
         >>> len(r["A"]), len(r["B_heads"][0]), r["n_B"]
         (6, 4, 4)
     """

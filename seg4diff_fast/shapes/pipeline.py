@@ -49,7 +49,7 @@ import torch
 from .shipped import WEIGHTS_DIR
 from .world import WORDS
 
-__all__ = ["ShapesConfig", "WEIGHTS_DIR", "build_pipeline", "close_pooled_shortcut", "load_pipeline",
+__all__ = ["ShapesConfig", "WEIGHTS_DIR", "build_pipeline", "close_pooled_shortcut", "load_shapes_pipeline",
            "save_pipeline", "trainable_parameters", "world_tokenizer"]
 
 _CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
@@ -232,7 +232,7 @@ def save_pipeline(pipe: Any, path: str = WEIGHTS_DIR, config: ShapesConfig | Non
     return path
 
 
-def load_pipeline(path: str | None = None, dtype: str = "float32", device: str | None = "cpu") -> Any:
+def load_shapes_pipeline(path: str | None = None, dtype: str = "float32", device: str | None = "cpu") -> Any:
     """The saved ShapesWorld pipeline (default: the package's ``weights/``) via the stock
     ``StableDiffusion3Pipeline.from_pretrained`` (no T5), in eval mode with gradients off."""
     from ..reader.loading import ModelNotAvailableError
@@ -247,3 +247,14 @@ def load_pipeline(path: str | None = None, dtype: str = "float32", device: str |
         if isinstance(comp, torch.nn.Module):
             comp.eval().requires_grad_(False)
     return pipe
+
+
+def __getattr__(name: str):  # the 0.1.0 name, kept importable
+    if name == "load_pipeline":
+        import warnings
+
+        warnings.warn("seg4diff_fast.shapes.load_pipeline is deprecated; use load_shapes_pipeline (the name says "
+                      "which pipeline; seg4diff_fast.reader.load_pipeline loads any folder)", DeprecationWarning,
+                      stacklevel=2)
+        return load_shapes_pipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .grounding import evaluate_grounding
-from .pipeline import ShapesConfig, load_pipeline
+from .pipeline import ShapesConfig, load_shapes_pipeline
 from .train import heldout_losses, heldout_scenes
 from .world import BACKGROUND_RGB, COLORS, SHAPES, caption_for
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(cfg_path) as f:
             cfg = ShapesConfig.from_dict(json.load(f))
     t5 = cfg.t5_length if a.t5_length is None else a.t5_length
-    pipe = load_pipeline(a.pipeline)
+    pipe = load_shapes_pipeline(a.pipeline)
     scenes = heldout_scenes(a.scenes, cfg.size)
     out = {"pipeline": a.pipeline, "t5_length": t5, **evaluate_grounding(pipe, scenes, cfg.size, t5),
            **heldout_losses(pipe, scenes[:64], t5)}

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from ..reader import family_of
-from ..utils.files import atomic_torch_save
+from ..utils.files import atomic_torch_save, write_json
 from .grounding import attention_budget, evaluate_grounding
 from .pipeline import ShapesConfig, build_pipeline, save_pipeline, trainable_parameters
 from .world import Scene, ShapesWorld
@@ -250,8 +250,7 @@ def train(out: str, steps: int = 3000, resume: bool = False, batch: int = 32, lr
         torch.manual_seed(targs["seed"])
         np.random.seed(targs["seed"])
         random.seed(targs["seed"])
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"shapes_config": cfg.to_dict(), "train_args": targs}, f, indent=1)
+        write_json(os.path.join(out, "config.json"), {"shapes_config": cfg.to_dict(), "train_args": targs})
         log({"event": "start", "shapes_config": cfg.to_dict(), "train_args": targs,
              "transformer_params": sum(p.numel() for p in pipe.transformer.parameters())})
         train_vae(pipe, targs["vae_steps"], cfg.size, batch=vae_batch, log=log, stat_images=vae_stat_images)
@@ -274,8 +273,7 @@ def train(out: str, steps: int = 3000, resume: bool = False, batch: int = 32, lr
             best = json.load(open(best_path)) if os.path.isfile(best_path) else {"score": -1.0}
             if score > best["score"]:  # keep the pipeline whose best block grounds best (A+B)/2
                 save_pipeline(pipe, os.path.join(out, "best"), cfg)
-                with open(best_path, "w") as f:
-                    json.dump({"score": score, "step": step}, f)
+                write_json(best_path, {"score": score, "step": step})
                 rec["new_best"] = True
             log(rec)
             pipe.transformer.train()

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import SegDataset
-from .metrics import MeanIoU, hungarian_match
+from .metrics import MeanIoU, match_segments_to_classes
 
 __all__ = ["evaluate", "PROTOCOLS"]
 
@@ -137,7 +137,7 @@ def evaluate(
                     h, w = r.label_map.shape
                     g = gt if gt.shape == (h, w) else np.asarray(
                         Image.fromarray(gt.astype(np.int32)).resize((w, h), Image.NEAREST)).astype(np.int64)
-                    metrics[key].update(hungarian_match(r.label_map, g, k, ignore, r.num_segments), g)
+                    metrics[key].update(match_segments_to_classes(r.label_map, g, k, ignore, r.num_segments), g)
                 images += 1
         if bar is not None:
             bar.update(len(group))

@@ -6,7 +6,7 @@ segment in the unsupervised protocol): those count as false negatives of their g
 as nobody's false positive. IoU_c = TP / (TP + FP + FN) in percent; a class with TP + FP + FN = 0 (absent
 from both prediction and ground truth everywhere) is NaN and left out of the mean.
 
-:func:`hungarian_match` is the DiffSeg protocol of SEG4DIFF.md: per image, segments are matched one-to-one
+:func:`match_segments_to_classes` is the DiffSeg protocol of SEG4DIFF.md: per image, segments are matched one-to-one
 to ground-truth classes by ``scipy.optimize.linear_sum_assignment`` on their overlap histogram
 (maximising the total overlap); a matched segment's pixels become its class, an unmatched segment's
 pixels get no class (false negatives); TP/FP/FN then accumulate over the dataset in :class:`MeanIoU`.
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MeanIoU", "hungarian_match", "overlap_histogram"]
+__all__ = ["MeanIoU", "match_segments_to_classes", "overlap_histogram"]
 
 
 def _np(x: Any) -> np.ndarray:
@@ -104,7 +104,7 @@ def overlap_histogram(segments: np.ndarray, gt: np.ndarray, num_segments: int, n
     return np.bincount(s * num_classes + g, minlength=num_segments * num_classes).reshape(num_segments, num_classes)
 
 
-def hungarian_match(segments: Any, gt: Any, num_classes: int, ignore_index: int | None = 255,
+def match_segments_to_classes(segments: Any, gt: Any, num_classes: int, ignore_index: int | None = 255,
                     num_segments: int | None = None) -> np.ndarray:
     """Map segment ids to ground-truth classes, one-to-one, maximising the total overlap (per image).
 
@@ -125,7 +125,7 @@ def hungarian_match(segments: Any, gt: Any, num_classes: int, ignore_index: int 
         >>> import numpy as np
         >>> seg = np.array([[0, 0, 1, 2]])
         >>> gt = np.array([[3, 3, 3, 1]])
-        >>> hungarian_match(seg, gt, num_classes=4).tolist()
+        >>> match_segments_to_classes(seg, gt, num_classes=4).tolist()
         [[3, 3, -1, 1]]
     """
     from scipy.optimize import linear_sum_assignment
@@ -139,3 +139,12 @@ def hungarian_match(segments: Any, gt: Any, num_classes: int, ignore_index: int 
         rows, cols = linear_sum_assignment(hist[:, present], maximize=True)
         lut[rows] = present[cols]
     return lut[segments]
+
+
+def __getattr__(name: str):  # the 0.1.0 name, kept importable
+    if name == "hungarian_match":
+        import warnings
+
+        warnings.warn("hungarian_match is deprecated; use match_segments_to_classes", DeprecationWarning, stacklevel=2)
+        return match_segments_to_classes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
