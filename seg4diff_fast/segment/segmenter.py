@@ -42,12 +42,15 @@ import torch
 
 from ..ops.upsample_argmax import upsample_argmax
 from ..reader import ImageLike, PipelineReader, PromptChunk, TextState
-from .unsupervised import DEFAULT_POWER, DEFAULT_THRESHOLD, merge_maps
+from .unsupervised import DEFAULT_POWER, DEFAULT_THRESHOLD, PAPER_RANGE_EPSILON, merge_maps
 
-__all__ = ["Seg4DiffSegmenter", "SegmentationResult", "UnsupervisedResult", "CHUNK_MERGES", "class_scores",
-           "confidence_of"]
+__all__ = ["Seg4DiffSegmenter", "SegmentationResult", "UnsupervisedResult", "CHUNK_MERGES", "PROTOCOLS",
+           "class_scores", "confidence_of"]
 
 CHUNK_MERGES = ("image-mass", "none")
+#: ``"paper"``: what the authors' code computes where the paper's numbers are made; ``"corrected"``: the
+#: same method without their quirks (see :meth:`Seg4DiffSegmenter.unsupervised` and README "Paper protocol").
+PROTOCOLS = ("paper", "corrected")
 
 
 def class_scores(rows: Sequence[tuple[PromptChunk, torch.Tensor]], merge: bool) -> torch.Tensor:
@@ -139,6 +142,8 @@ class Seg4DiffSegmenter:
         short_side: pre-resize images to this short side first (evaluation protocol: 640); None: off.
         early_exit: stop the transformer right after the capture layer (maps are identical either way).
         backend: ``joint_attention`` backend (None: best available).
+        protocol: ``"paper"`` (default: the authors' code exactly where it has quirks) or ``"corrected"``;
+            today only unsupervised segmentation differs (:meth:`unsupervised`), and evaluation follows it.
 
     Example:
         >>> import torch
@@ -172,7 +177,11 @@ class Seg4DiffSegmenter:
         short_side: int | None = None,
         early_exit: bool = True,
         backend: str | None = None,
+        protocol: str = "paper",
     ):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.protocol = protocol
         if isinstance(pipe, PipelineReader):
             self.reader = pipe
         else:
@@ -357,8 +366,15 @@ class Seg4DiffSegmenter:
         """Unsupervised segmentation: empty prompt, the 77 CLIP maps, KL-threshold greedy merging.
 
         The image (after the optional pre-resize) is zero-padded at the bottom/right to a multiple of
-        ``pad_multiple`` (32, the protocol; None: off) before the stretch to ``resolution``²; segment maps
-        are upsampled to the padded size and cropped back. Merging: :func:`~.unsupervised.merge_maps`.
+        ``pad_multiple`` (32, the protocol; None: off) before the stretch to ``resolution``². Merging:
+        :func:`~.unsupervised.merge_maps`. The segmenter's ``protocol`` decides two details:
+
+        - ``"paper"`` (the authors' code): per-pixel normalization by ``(max − min) + 1e-6``; the whole padded
+          token grid is stretched back onto the image's original (H, W) (detectron2's ``sem_seg_postprocess``
+          of a padded batch), so the padding's share of the grid lands inside the image.
+        - ``"corrected"``: normalization by the range itself; segment maps are upsampled to the padded working
+          size and the padding is cropped off (labels at the working size: the pre-resized one with
+          ``short_side``).
 
         Returns:
             An :class:`UnsupervisedResult` per image (a dict ``{layer: result}`` with ``per_layer``);
@@ -380,28 +396,31 @@ class Seg4DiffSegmenter:
         layers_t = self.layers if layers is None else self.reader.check_layers(layers)
         results: list[Any] = []
         for s in range(0, len(image_list), self.batch_size):
-            tensors, _ = self.reader.prepare(image_list[s:s + self.batch_size], self.short_side)
+            tensors, sizes = self.reader.prepare(image_list[s:s + self.batch_size], self.short_side)
             latents = self.reader.latents(tensors, pad_multiple)
             text = self.reader.encode_text([""])
             row_maps = self.reader.read_rows(latents, text, [(k, 0) for k in range(len(tensors))], layers_t,
                                              batch_size=self.batch_size, mode=self.mode,
                                              head_reduce=self.head_reduce)
-            for img, maps in zip(tensors, row_maps):
+            for img, maps, original in zip(tensors, row_maps, sizes):
                 h, w = img.shape[-2:]
-                ph = h + ((-h) % pad_multiple if pad_multiple else 0)
-                pw = w + ((-w) % pad_multiple if pad_multiple else 0)
-                size = (ph, pw)
+                if self.protocol == "paper":  # the whole padded grid onto the original size, nothing cropped
+                    out, crop = original, original
+                else:
+                    pad_h, pad_w = ((-h) % pad_multiple, (-w) % pad_multiple) if pad_multiple else (0, 0)
+                    out, crop = (h + pad_h, w + pad_w), (h, w)
+                args = (out, crop)
                 if per_layer:
-                    results.append({layer: self._one_unsupervised(maps[j], size, (h, w), (layer,), threshold, power)
+                    results.append({layer: self._one_unsupervised(maps[j], *args, (layer,), threshold, power)
                                     for j, layer in enumerate(layers_t)})
                 else:
-                    results.append(self._one_unsupervised(maps.mean(0), size, (h, w), layers_t, threshold, power))
+                    results.append(self._one_unsupervised(maps.mean(0), *args, layers_t, threshold, power))
         return results[0] if single else results
 
-    @staticmethod
-    def _one_unsupervised(maps: torch.Tensor, padded: tuple[int, int], size: tuple[int, int],
+    def _one_unsupervised(self, maps: torch.Tensor, out: tuple[int, int], crop: tuple[int, int],
                           layers: tuple[int, ...], threshold: float, power: float) -> UnsupervisedResult:
-        segments, groups = merge_maps(maps, threshold, power)
-        labels, _, _ = upsample_argmax(segments, padded)
-        labels = labels[: size[0], : size[1]]
+        eps = PAPER_RANGE_EPSILON if self.protocol == "paper" else None
+        segments, groups = merge_maps(maps, threshold, power, eps)
+        labels, _, _ = upsample_argmax(segments, out)
+        labels = labels[: crop[0], : crop[1]]
         return UnsupervisedResult(labels.cpu().numpy().astype(np.int64, copy=False), segments.cpu(), groups, layers)

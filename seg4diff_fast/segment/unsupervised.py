@@ -1,7 +1,9 @@
 """Unsupervised segmentation from the empty prompt's 77 CLIP maps: KL-threshold greedy merging.
 
 SEG4DIFF.md (the authors' code as it runs): the maps of all 77 CLIP positions (BOS, EOS, pads) are
-min-max normalized per pixel across the 77 tokens, raised to the power p (1.0), then each map is
+min-max normalized per pixel across the 77 tokens — ``(x − min) / ((max − min) + 1e-6)`` in their code
+(``range_epsilon=1e-6``, the paper protocol); ``range_epsilon=None`` divides by the range itself (zero-range
+pixels become 0), which keeps small-range maps from being flattened — raised to the power p (1.0), then each map is
 softmaxed over its pixels; one greedy pass over the maps in order: an unmatched map i forms a group of
 every map j (already grouped or not) whose symmetric KL divergence ``(KL(p‖q) + KL(q‖p)) / 2`` to i is
 below the threshold (0.1 as the code runs; its configs say 0.035); the members are marked matched; each
@@ -12,16 +14,22 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_POWER", "normalize_token_maps", "merge_maps", "symmetric_kl"]
+__all__ = ["DEFAULT_THRESHOLD", "DEFAULT_POWER", "PAPER_RANGE_EPSILON", "normalize_token_maps", "merge_maps",
+           "symmetric_kl"]
 
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_POWER = 1.0
+#: The authors' ``att / (att.max() + 1e-6)`` after subtracting the per-pixel minimum.
+PAPER_RANGE_EPSILON = 1e-6
 
 
-def normalize_token_maps(maps: torch.Tensor, power: float = DEFAULT_POWER) -> torch.Tensor:
+def normalize_token_maps(maps: torch.Tensor, power: float = DEFAULT_POWER,
+                         range_epsilon: float | None = None) -> torch.Tensor:
     """(T, h, w) token maps → per-pixel min-max over the T tokens, then ``** power`` (float64).
 
-    A pixel where all T maps are equal becomes 0 everywhere (its range is zero).
+    ``range_epsilon`` None: divide by the range (a pixel where all T maps are equal becomes 0 everywhere);
+    a number: divide by ``range + range_epsilon`` (the authors' 1e-6: on attention maps, whose per-pixel
+    range is often ~1e-4, that shrinks the normalized values and so changes the KL grouping).
 
     Example:
         >>> import torch
@@ -31,7 +39,10 @@ def normalize_token_maps(maps: torch.Tensor, power: float = DEFAULT_POWER) -> to
     """
     x = maps.double()
     lo, hi = x.amin(0, keepdim=True), x.amax(0, keepdim=True)
-    x = (x - lo) / (hi - lo).clamp_min(torch.finfo(torch.float64).tiny)
+    if range_epsilon is None:
+        x = (x - lo) / (hi - lo).clamp_min(torch.finfo(torch.float64).tiny)
+    else:
+        x = (x - lo) / ((hi - lo) + range_epsilon)
     return x.pow(power) if power != 1.0 else x
 
 
@@ -46,7 +57,8 @@ def symmetric_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def merge_maps(
-    maps: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, power: float = DEFAULT_POWER
+    maps: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, power: float = DEFAULT_POWER,
+    range_epsilon: float | None = None,
 ) -> tuple[torch.Tensor, list[list[int]]]:
     """The greedy KL merging of token maps into segment maps.
 
@@ -54,6 +66,7 @@ def merge_maps(
         maps: (T, h, w) attention maps of the T token positions (probabilities).
         threshold: symmetric-KL threshold below which a map joins a group.
         power: exponent after the per-pixel min-max normalization.
+        range_epsilon: see :func:`normalize_token_maps` (None: exact range; the paper: 1e-6).
 
     Returns:
         ``(segments, groups)``: segments float32 (S, h, w), each the mean of its group's pixel-softmaxed
@@ -71,7 +84,7 @@ def merge_maps(
         raise ValueError(f"merge_maps: maps must be (T, h, w) with T >= 1, got {tuple(maps.shape)}")
     maps = maps.detach().cpu()
     t, h, w = maps.shape
-    x = normalize_token_maps(maps, power).reshape(t, h * w)
+    x = normalize_token_maps(maps, power, range_epsilon).reshape(t, h * w)
     probs = torch.softmax(x, dim=1)
     dist = symmetric_kl(probs, probs)
     matched = torch.zeros(t, dtype=torch.bool)
