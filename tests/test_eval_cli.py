@@ -106,10 +106,10 @@ def test_eval_background_unsupervised_and_folder(model_dir, tmp_path, capsys, mo
     # voc21 defaults to the unsupervised protocol: Hungarian matching per image, background included
     out = str(tmp_path / "unsup.json")
     assert _run(["--dataset", "voc21", "--root", root, "--model", model_dir, "--layers", "2",
-                 "--pre-resize", "0", "--out", out]) == 0
+                 "--pre-resize", "0", "--corrected", "--out", out]) == 0
     result = json.load(open(out))
     assert result["protocol"] == "unsupervised" and "background" in result["per_class"]
-    seg = Seg4DiffSegmenter(pipe, layer=2, resolution=32)
+    seg = Seg4DiffSegmenter(pipe, layer=2, resolution=32, protocol="corrected")
     m = MeanIoU(21)
     for img, lab in items:
         res = seg.unsupervised(img)

@@ -1,17 +1,26 @@
 """The evaluation loop: a segmenter over a dataset, the paper's protocols, one result dict.
 
+Two variants of every rule, chosen by ``segmenter.protocol`` (``"paper"``, the default, or ``"corrected"``);
+``docs/PAPER_PROTOCOL_EVAL.md`` lists every difference, :mod:`.paper_protocol` holds the paper's side.
+
 Open-vocabulary (SEG4DIFF.md §7–8): per image the prompt holds the ground-truth classes in ascending
 label order (``gt_only=True``, the paper's "GT-only prompt") or the whole class list; the labels of the
 prompted classes map back to dataset ids, so unprompted classes are never chosen (the authors give them
-zero scores: the same argmax). When the dataset has a background class (COCO-Object, VOC-21), it is
-prompted too, its ground-truth pixels are not scored and it is left out of the mean ("background
-excluded", the paper's setting). The image is pre-resized to a short side of 640 by the segmenter
-(``short_side``), labels come back at the original size and are scored against the full-resolution
-ground truth with a dataset-level confusion matrix.
+zero scores: the same argmax). Paper: the classes come from the labels as the test mapper resized them
+(short side 640, nearest) and "background" (COCO-Object, VOC-21) is prompted only when the image's labels
+hold it; corrected: the full-resolution labels, "background" always prompted. Either way its ground-truth
+pixels are not scored and it is left out of the mean ("background excluded"). The image is pre-resized to
+a short side of 640 by the segmenter (``short_side``), labels come back at the original size and are
+scored against the full-resolution ground truth with a dataset-level confusion matrix (paper: a class
+counts in the mean only if it has ground-truth pixels, detectron2's rule).
 
-Unsupervised: ``segmenter.unsupervised`` per image (padding to 32, scoring at the pre-resized size: the
-ground truth is resized there with nearest neighbour), Hungarian matching per image, dataset-level
-TP/FP/FN, background included.
+Unsupervised: ``segmenter.unsupervised`` per image (padding to 32; the ground truth is resized to the
+pre-resized size with nearest neighbour), Hungarian matching per image, dataset-level TP/FP/FN, background
+included. Paper: the segments are upsampled to the original size, then cropped to the top-left of the
+pre-resized size (the authors' evaluator; only that region of a larger image is compared with the whole
+resized ground truth) and every class of the list takes part in the matching; corrected: the segments
+are upsampled to the pre-resized (padded) size and cropped back to the image, only the image's classes are
+matched, pixels of unmatched segments are false negatives.
 
 ``layers="all"`` sweeps every block in one pass per image (capture at all of them; no early exit past
 the last) and reports mIoU per layer.
@@ -24,8 +33,17 @@ from typing import Any
 
 import numpy as np
 
+from ..reader.images import short_side_size
 from .datasets import SegDataset
 from .metrics import MeanIoU, match_segments_to_classes
+from .paper_protocol import (
+    PaperHungarian,
+    paper_iou,
+    paper_prompt_classes,
+    paper_unsupervised_labels,
+    protocol_variant,
+    resize_labels,
+)
 
 __all__ = ["evaluate", "PROTOCOLS"]
 
@@ -47,6 +65,23 @@ def _groups(items: Iterable[Any], n: int) -> Iterable[list[Any]]:
         yield group
 
 
+def _prompt_ids(gt: np.ndarray, k: int, ignore: int | None, bg: int | None, gt_only: bool, variant: str,
+                short_side: int | None) -> tuple[list[int], bool]:
+    """(the dataset ids to prompt, whether the image has scored pixels at all)."""
+    present = [int(c) for c in np.unique(gt) if c != ignore]
+    if not present:
+        return [], False
+    if not gt_only:
+        ids = list(range(k))
+    elif variant == "paper":
+        return [c for c in paper_prompt_classes(gt, short_side, ignore) if c < k], True
+    else:
+        ids = present
+    if bg is not None and bg not in ids:
+        ids = sorted(ids + [bg])
+    return ids, True
+
+
 def evaluate(
     segmenter: Any,
     dataset: SegDataset,
@@ -62,8 +97,10 @@ def evaluate(
 ) -> dict:
     """Evaluate ``segmenter`` (a :class:`~seg4diff_fast.Seg4DiffSegmenter`) on ``dataset``.
 
+    The paper / corrected rules follow ``segmenter.protocol`` (module docs).
+
     Args:
-        protocol: ``"open-vocab"`` or ``"unsupervised"``.
+        protocol: the task: ``"open-vocab"`` or ``"unsupervised"``.
         gt_only: open-vocab: prompt only the image's ground-truth classes (the paper's protocol).
         layers: None (the segmenter's layer(s), averaged), a list of layers (averaged) or ``"all"`` (a sweep:
             one result per layer).
@@ -73,15 +110,16 @@ def evaluate(
         progress: show a tqdm progress bar (stderr).
 
     Returns:
-        ``{"dataset", "mIoU", "per_class": {name: IoU or None}, "layer", "protocol", "images", "skipped",
-        "excluded", "per_layer"?}`` in percent; with a sweep, the best layer's numbers and ``per_layer``
-        ``{layer: mIoU}``.
+        ``{"dataset", "mIoU", "per_class": {name: IoU or None}, "layer", "protocol", "segmenter_protocol",
+        "images", "skipped", "excluded", "per_layer"?}`` in percent; with a sweep, the best layer's numbers and
+        ``per_layer`` ``{layer: mIoU}``.
 
     Example:
-        >>> # see tests/test_eval_runner.py for a complete offline run on a generated dataset
+        >>> # complete offline runs: tests/test_eval_cli.py (a tiny SD3), tests/test_eval_layouts.py (fakes)
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    variant = protocol_variant(segmenter)
     sweep = isinstance(layers, str)
     if sweep and layers != "all":
         raise ValueError(f"layers must be a list of ints or 'all', got {layers!r}")
@@ -91,7 +129,10 @@ def evaluate(
     k = len(dataset.classes)
     ignore = dataset.ignore_index
     bg = dataset.background if protocol == "open-vocab" else None
-    metrics = {key: MeanIoU(k, ignore) for key in keys}
+    paper_unsup = variant == "paper" and protocol == "unsupervised"
+    scored_k = min(k, dataset.paper_num_classes or k) if paper_unsup else k
+    metrics: dict[Any, Any] = {key: PaperHungarian(scored_k) if paper_unsup else MeanIoU(k, ignore) for key in keys}
+    short_side = getattr(segmenter, "short_side", None)
     extra = {}
     if threshold is not None:
         extra["threshold"] = threshold
@@ -104,40 +145,43 @@ def evaluate(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"{dataset.name} ({protocol})", unit="img")
+        bar = tqdm(total=total, desc=f"{dataset.name} ({protocol}, {variant})", unit="img")
     images = skipped = 0
     for group in _groups(items, max(1, batch_size)):
         if protocol == "open-vocab":
             todo, prompts = [], []
             for _name, image, gt in group:
-                present = [int(c) for c in np.unique(gt) if c != ignore]
-                ids = present if gt_only else list(range(k))
-                if bg is not None and bg not in ids:
-                    ids = sorted(ids + [bg])
-                if not present:
+                ids, scored = _prompt_ids(gt, k, ignore, bg, gt_only, variant, short_side)
+                if not scored:
                     skipped += 1
                     continue
-                todo.append((image, gt, np.asarray(ids, dtype=np.int64)))
+                g = gt if bg is None else np.where(gt == bg, ignore, gt)
+                if not ids:  # paper: the resize lost every class; their empty prompt scores class 0 everywhere
+                    for m in metrics.values():
+                        m.update(np.zeros_like(g), g)
+                    images += 1
+                    continue
+                todo.append((image, g, np.asarray(ids, dtype=np.int64)))
                 prompts.append([dataset.classes[i] for i in ids])
             if todo:
                 out = segmenter([t[0] for t in todo], prompts, per_layer=sweep, layers=layer_list)
-                for (_, gt, ids), res in zip(todo, out):
-                    scored = gt if bg is None else np.where(gt == bg, ignore, gt)
+                for (_, scored_gt, ids), res in zip(todo, out):
                     per = res if sweep else {layer_list: res}
                     for key, r in per.items():
-                        metrics[key].update(ids[r.label_map], scored)
+                        metrics[key].update(ids[r.label_map], scored_gt)
                     images += 1
         else:
-            from PIL import Image
-
             out = segmenter.unsupervised([g[1] for g in group], per_layer=sweep, layers=layer_list, **extra)
             for (_, _, gt), res in zip(group, out):
                 per = res if sweep else {layer_list: res}
                 for key, r in per.items():
-                    h, w = r.label_map.shape
-                    g = gt if gt.shape == (h, w) else np.asarray(
-                        Image.fromarray(gt.astype(np.int32)).resize((w, h), Image.NEAREST)).astype(np.int64)
-                    metrics[key].update(match_segments_to_classes(r.label_map, g, k, ignore, r.num_segments), g)
+                    if paper_unsup:  # scored at the mapper's resized size, whatever size label_map has
+                        working = gt.shape if short_side is None else short_side_size(*gt.shape, short_side)
+                        g = resize_labels(gt, working)
+                        metrics[key].update(paper_unsupervised_labels(r.segments, working, gt.shape), g)
+                    else:
+                        g = resize_labels(gt, r.label_map.shape)
+                        metrics[key].update(match_segments_to_classes(r.label_map, g, k, ignore, r.num_segments), g)
                 images += 1
         if bar is not None:
             bar.update(len(group))
@@ -145,7 +189,15 @@ def evaluate(
         bar.close()
 
     exclude = (bg,) if bg is not None else ()
-    results = {key: m.compute(exclude) for key, m in metrics.items()}
+    if paper_unsup:
+        results = {key: m.compute() for key, m in metrics.items()}
+        for r in results.values():
+            r["IoU"] = r["IoU"] + [float("nan")] * (k - scored_k)
+        exclude = tuple(range(scored_k, k))
+    elif variant == "paper":
+        results = {key: paper_iou(m.stats(), exclude) for key, m in metrics.items()}
+    else:
+        results = {key: m.compute(exclude) for key, m in metrics.items()}
     if sweep:
         scores = {key: r["mIoU"] for key, r in results.items()}
         finite = {key: v for key, v in scores.items() if v == v}
@@ -160,6 +212,7 @@ def evaluate(
                       if i not in exclude},
         "layer": best if sweep else (list(best) if len(best) > 1 else best[0]),
         "protocol": protocol,
+        "segmenter_protocol": variant,
         "images": images,
         "skipped": skipped,
         "excluded": [dataset.classes[i] for i in exclude],
