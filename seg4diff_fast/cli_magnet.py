@@ -6,8 +6,11 @@ every --checkpoint-every steps (OUT/checkpoint.pt, written atomically; --resume 
 One device as is, several with accelerate:
 
     seg4diff-fast magnet --data shapes --out runs/magnet_shapes
-    seg4diff-fast magnet --model PATH --data coco:/data/coco --layer 9 --max-steps 3000 --out runs/magnet
+    seg4diff-fast magnet --model PATH --data coco:/data/datasets --layer 9 --max-steps 3000 --out runs/magnet
     accelerate launch -m seg4diff_fast.cli magnet --model PATH --data sa1b:/data/sa1b --out runs/magnet_sa1b
+
+--paper (default) trains as the authors' code does; --corrected with this package's choices
+(docs/PAPER_PROTOCOL_MAGNET.md).
 """
 
 from __future__ import annotations
@@ -19,7 +22,17 @@ HELP = "MAGNET LoRA fine-tuning (shapes | coco:DIR | sa1b:DIR), resumable, accel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", help="shapes | shapes:N | coco:DIR | sa1b:DIR")
+    p.add_argument("--data", help="shapes | shapes:N | coco:DIR (COCO-Stuff label PNGs in the authors' layout, or "
+                                  "COCO instances with --corrected) | sa1b:DIR")
+    proto = p.add_mutually_exclusive_group()
+    proto.add_argument("--paper", dest="protocol", action="store_const", const="paper",
+                       help="train as the authors' code does (the default): their data chains, full class names "
+                            "located with isin, every head x 77 positions as SA-1B candidates, their focal form, "
+                            "the conv head on every token map")
+    proto.add_argument("--corrected", dest="protocol", action="store_const", const="corrected",
+                       help="this package's choices where it departs from the authors' code "
+                            "(docs/PAPER_PROTOCOL_MAGNET.md)")
+    p.set_defaults(protocol="paper")
     p.add_argument("--out", help="output folder")
     p.add_argument("--model", help="local diffusers folder or hub id (default: the embedded ShapesWorld pipeline)")
     p.add_argument("--layer", type=int, help="expert layer (default: the model's; 9 for SD3)")
@@ -63,14 +76,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:  # cheap checks before the model loads
         cfg = MagnetConfig(
-            layer=args.layer, rank=args.rank, alpha=args.alpha, lambda_focal=args.lambda_focal,
+            protocol=args.protocol, layer=args.layer, rank=args.rank, alpha=args.alpha, lambda_focal=args.lambda_focal,
             lambda_dice=args.lambda_dice, head_reduce=args.head_reduce, conv_head=not args.no_conv_head,
             lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps, batch_size=args.batch_size,
             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None, resolution=args.resolution,
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
             seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers,
         )
-        data = open_magnet_data(args.data)
+        data = open_magnet_data(args.data, protocol=args.protocol)
         quiet_loading()
         summary = train_magnet(args.model, data, cfg, output_dir=args.out, resume=args.resume,
                                progress=not args.no_progress)
@@ -78,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     final = summary["final"]
     print(f"MAGNET: {summary['steps'] - summary['resumed_from']} steps in {summary['seconds']:.1f} s "
-          f"(layer {summary['config']['layer']}); final loss {final.get('loss', float('nan')):.4f} "
+          f"(layer {summary['config']['layer']}, protocol {summary['config']['protocol']}); "
+          f"final loss {final.get('loss', float('nan')):.4f} "
           f"(fm {final.get('fm', float('nan')):.4f}, focal {final.get('focal', float('nan')):.4f}, "
           f"dice {final.get('dice', float('nan')):.4f}); LoRA in {args.out}")
     if summary["skipped"]:

@@ -119,3 +119,32 @@ def test_empty_sides_and_errors():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         match_masks(bad, target)
+
+
+def pair_cost_authors_ref(x, t, focal_weight=0.02, dice_weight=1.0, alpha=0.25, gamma=2.0):
+    """One pair, float64, as the authors' matcher.py computes it: ``prob = inputs`` (the raw logit) in the
+    modulating factors of the focal term, the BCE with logits, α / (1 − α), divided by the pixel count."""
+    x, t = x.double().flatten(), t.double().flatten()
+    pos = (1 - x) ** gamma * F.binary_cross_entropy_with_logits(x, torch.ones_like(x), reduction="none")
+    neg = x ** gamma * F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none")
+    focal = ((pos * alpha * t).sum() + (neg * (1 - alpha) * (1 - t)).sum()) / x.numel()
+    p = torch.sigmoid(x)
+    dice = 1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1)
+    return focal_weight * focal + dice_weight * dice
+
+
+@pytest.mark.parametrize("p, m, h, w, H, W", [(5, 3, 6, 7, 6, 7), (4, 4, 5, 9, 13, 20), (7, 2, 6, 6, 17, 11)])
+def test_authors_focal_form_matches_their_matcher(p, m, h, w, H, W, device):
+    seed = fresh_seed()
+    pred, target = make(p, m, h, w, H, W, seed, device)
+    cost = match_costs(pred, target, focal_form="authors")
+    small = F.interpolate(target[None].float(), size=(h, w), mode="nearest")[0]
+    ref = torch.tensor([[float(pair_cost_authors_ref(pred[i], small[j])) for j in range(m)] for i in range(p)],
+                       dtype=torch.float64)
+    torch.testing.assert_close(cost.cpu().double(), ref, rtol=1e-5, atol=1e-6, msg=lambda s: f"seed={seed}: {s}")
+    assert not torch.allclose(cost, match_costs(pred, target))  # the forms differ
+    pi, ti = match_masks(pred, target, focal_form="authors")
+    rows, cols = linear_sum_assignment(ref.numpy())
+    assert sorted(zip(ti.tolist(), pi.tolist())) == sorted(zip(cols.tolist(), rows.tolist()))
+    with pytest.raises(ValueError, match="focal_form"):
+        match_costs(pred, target, focal_form="raw")

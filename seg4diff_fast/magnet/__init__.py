@@ -1,5 +1,6 @@
 """MAGNET fine-tuning: a LoRA trained with flow matching plus a focal/dice mask loss on the expert layer's
-raw image→text scores, through the fused op's backward.
+raw image→text scores, through the fused op's backward. ``MagnetConfig(protocol="paper")`` (the default) trains
+as the authors' code does, ``protocol="corrected"`` with this package's choices (docs/PAPER_PROTOCOL_MAGNET.md).
 
 Example:
     >>> import tempfile
@@ -10,22 +11,34 @@ Example:
     1
 """
 
-from .config import MagnetConfig
-from .data import CocoMagnetData, MagnetSample, SA1BMagnetData, ShapesMagnetData, open_magnet_data
+from .config import PROTOCOLS, MagnetConfig
+from .data import (
+    CocoMagnetData,
+    CocoStuffMagnetData,
+    MagnetSample,
+    PaperView,
+    SA1BMagnetData,
+    ShapesMagnetData,
+    open_magnet_data,
+)
 from .head import MapHead
-from .lora import add_magnet_lora, load_magnet_lora, save_magnet_lora
+from .lora import add_magnet_lora, check_lora_fits, load_magnet_lora, save_magnet_lora
 from .losses import focal_dice_loss
 from .matching import match_costs, match_masks
 from .train import train_magnet
 
 __all__ = [
     "CocoMagnetData",
+    "CocoStuffMagnetData",
     "MagnetConfig",
     "MagnetSample",
     "MapHead",
+    "PROTOCOLS",
+    "PaperView",
     "SA1BMagnetData",
     "ShapesMagnetData",
     "add_magnet_lora",
+    "check_lora_fits",
     "focal_dice_loss",
     "match_masks",
     "load_magnet_lora",

@@ -1,15 +1,21 @@
 """Training data for MAGNET LoRA fine-tuning: samples of (image, prompt, per-class or per-region masks).
 
-Three sources, each a ``torch.utils.data.Dataset`` whose ``__getitem__(i)`` is deterministic and returns a
+Four sources, each a ``torch.utils.data.Dataset`` whose ``__getitem__(i)`` is deterministic and returns a
 :class:`MagnetSample`:
 
 - :class:`ShapesMagnetData`: ShapesWorld scenes (``ShapesWorld(seed + i, size).sample()``); "direct"
   samples, one mask per object class (and "background" first on request).
 - :class:`CocoMagnetData`: a COCO *instances* json + its images; "direct" samples, one mask per category
   present (instances of one category merged), crowd annotations skipped by default.
+- :class:`CocoStuffMagnetData`: COCO-Stuff-171 label PNGs in the authors' layout (``coco/train2017`` +
+  ``coco/annotations_detectron2/train2017``, the images listed in their caption file); "direct" samples.
 - :class:`SA1BMagnetData`: SA-1B ``sa_XXXX.jpg`` + ``sa_XXXX.json`` + a caption per image; "matched"
   samples (class-agnostic masks, largest first, to be matched to the caption's tokens by Hungarian
   matching).
+
+``source[i]`` is the sample as ``protocol="corrected"`` trains on it. ``protocol="paper"`` trains on
+:class:`PaperView` ``(source)``: ``view.sample(i, rng)`` runs the authors' transform chain for that source
+(:mod:`seg4diff_fast.magnet.transforms`) with the given numpy Generator (docs/PAPER_PROTOCOL_MAGNET.md).
 
 A "direct" sample's prompt is its names, each cleaned as the segmenter cleans a class name
 (:func:`~seg4diff_fast.reader.prompts.clean_name`), joined by single spaces: exactly the prompt
@@ -42,18 +48,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from ..evaluation.datasets import IMAGE_EXTENSIONS
+from ..evaluation.datasets import IMAGE_EXTENSIONS, load_classnames
 from ..reader.prompts import clean_name
 from ..shapes.world import BACKGROUND, ShapesWorld
+from .transforms import CocoStuffChain, SA1BChain, authors_short_caption
 
 __all__ = [
     "MagnetSample",
     "ShapesMagnetData",
     "CocoMagnetData",
+    "CocoStuffMagnetData",
     "SA1BMagnetData",
+    "PaperView",
     "open_magnet_data",
     "collate_magnet",
     "first_sentences",
@@ -64,7 +73,8 @@ log = logging.getLogger(__name__)
 
 #: The data specs :func:`open_magnet_data` accepts (quoted in its error messages).
 SPEC_FORMS = ('"shapes" (10000 ShapesWorld scenes), "shapes:N" (N scenes), '
-              '"coco:DIR" (COCO instances: DIR/annotations/instances_*.json + images), '
+              '"coco:DIR" (COCO-Stuff label PNGs: DIR[/coco]/train2017 + annotations_detectron2/train2017, or '
+              'COCO instances: DIR/annotations/instances_*.json + images), '
               '"sa1b:DIR" (SA-1B: sa_*.jpg + sa_*.json + captions)')
 
 
@@ -224,6 +234,13 @@ class ShapesMagnetData(Dataset):
         names, masks = _merge_by_name(names, masks)
         return MagnetSample(scene.image, " ".join(clean_name(n) for n in names), np.stack(masks), names,
                             f"shapes:{self.seed + i}")
+
+    def paper_sample(self, i: int, rng: np.random.Generator | None = None) -> MagnetSample:
+        """The sample ``protocol="paper"`` trains on: ``self[i]`` unchanged. The authors' transform chains bring
+        photos of any size to 1024² and augment them; a scene is rendered at the model's resolution and every
+        sample is a fresh scene, so no chain applies (``rng`` is not drawn from). The names are already the
+        full, lowercased class names; the trainer locates them in the prompt with the authors' ``isin`` rule."""
+        return self[i]
 
     def describe(self) -> str:
         """One line for logs."""
@@ -409,6 +426,15 @@ class CocoMagnetData(Dataset):
                         self._items[(i + k) % len(self)][3])
         raise ValueError(f"{self.annotations}: every mask of every image rasterizes empty")
 
+    def paper_check(self) -> None:
+        """``protocol="paper"`` trains on COCO-Stuff-171 label PNGs, not on instances: refused, naming the fix."""
+        raise ValueError(
+            f"protocol='paper' trains on COCO-Stuff-171 label PNGs as the authors did (171 classes, stuff "
+            f"included), but {self.annotations} is a COCO instances file (80 thing classes). Give the folder "
+            "in the authors' layout (DIR/coco/train2017/*.jpg + DIR/coco/annotations_detectron2/train2017/*.png "
+            "from their datasets/prepare_coco_stuff.py, optionally DIR/captions/train_caption_coco.json) to "
+            "CocoStuffMagnetData, or train on the instances with protocol='corrected' (CLI: --corrected)")
+
     def describe(self) -> str:
         """One line for logs."""
         crowd = "crowd kept" if self.include_crowd else f"{self.crowd_skipped} crowd annotations skipped"
@@ -417,23 +443,240 @@ class CocoMagnetData(Dataset):
                 f"classes, direct samples ({crowd}; {skipped})")
 
 
+#: The COCO-Stuff-171 names (index = label id in the prepared PNGs), the authors' ``datasets/coco.json``.
+COCO_STUFF_CLASSES_FILE = "coco.json"
+_COCO_CAPTIONS = "train_caption_coco.json"
+
+
+def coco_stuff_layout(root: str, split: str = "train2017") -> tuple[str, str] | None:
+    """(images folder, label folder) of a COCO-Stuff tree in the authors' layout under ``root`` (the folder
+    holding ``coco/``, or the ``coco`` folder itself), or None.
+
+    Example:
+        >>> coco_stuff_layout("/nonexistent") is None
+        True
+    """
+    for base in (root, os.path.join(root, "coco")):
+        images, labels = os.path.join(base, split), os.path.join(base, "annotations_detectron2", split)
+        if os.path.isdir(images) and os.path.isdir(labels):
+            return images, labels
+    return None
+
+
+class CocoStuffMagnetData(Dataset):
+    """COCO-Stuff-171 label PNGs as direct samples (the authors' MAGNET COCO data).
+
+    Layout (the authors' ``register_coco_stuff.py``): ``root/coco/train2017/<id>.jpg`` and
+    ``root/coco/annotations_detectron2/train2017/<id>.png`` (label ids 0..170 index
+    ``data/classnames/coco.json``, 255 unlabelled; made by their ``datasets/prepare_coco_stuff.py``);
+    ``root`` may also be the ``coco`` folder itself. The images used are the keys of the caption file, in its
+    order, as in the authors' ``coco_2017_train_subset``: ``captions=PATH``, else
+    ``root/captions/train_caption_coco.json``, ``root/train_caption_coco.json`` or
+    ``root/../captions/train_caption_coco.json`` (``root`` being ``coco``); without one, every label
+    PNG whose image exists (sorted; logged). Listed images whose files are missing are dropped while indexing
+    (one logged warning line).
+
+    ``data[i]`` (``protocol="corrected"``): the whole image, one mask per class present, names cleaned as the
+    segmenter cleans them (text before the first ``-``; names that clean alike merged), in label-id order.
+    :meth:`paper_sample` (``protocol="paper"``): the authors' chain
+    (:class:`~seg4diff_fast.magnet.transforms.CocoStuffChain`, then one mask per class present in the
+    640² crop, in label-id order, with the full names: ``sky-other`` stays ``sky-other``).
+
+    Args:
+        root: the folder (see above).
+        split: the image / label subfolder (``train2017``).
+        captions: the caption JSON (image id → caption); only its keys are used.
+        split_dash: ``data[i]``'s name cleaning (the paper samples always keep the full names).
+
+    Raises:
+        ValueError: a missing folder or layout, a malformed caption file, no usable image; at load, a label
+            map whose size differs from its image's or that holds ids other than 0..170 and 255.
+    """
+
+    paper_pad_multiple = 32  # the authors' model pads each batch to a multiple of 32 (ImageList)
+
+    def __init__(self, root: str, split: str = "train2017", captions: str | None = None, split_dash: bool = True):
+        if not os.path.isdir(root):
+            raise ValueError(f"COCO-Stuff folder {root} does not exist; give the folder holding coco/train2017 "
+                             "and coco/annotations_detectron2/train2017")
+        layout = coco_stuff_layout(root, split)
+        if layout is None:
+            raise ValueError(f"{root}: no COCO-Stuff layout; expected ROOT[/coco]/{split}/<id>.jpg + "
+                             f"ROOT[/coco]/annotations_detectron2/{split}/<id>.png (the authors' "
+                             "datasets/prepare_coco_stuff.py makes the label PNGs)")
+        self.root, self.split, self.split_dash = root, split, bool(split_dash)
+        self.images_dir, self.labels_dir = layout
+        self.classes: list[str] = load_classnames(COCO_STUFF_CLASSES_FILE)
+        if captions is None:
+            tried = [os.path.join(root, "captions", _COCO_CAPTIONS), os.path.join(root, _COCO_CAPTIONS),
+                     os.path.join(os.path.dirname(os.path.normpath(root)), "captions", _COCO_CAPTIONS)]
+            captions = next((p for p in tried if os.path.isfile(p)), None)
+        elif not os.path.isfile(captions):
+            raise ValueError(f"COCO caption file {captions} does not exist")
+        self.captions = captions
+        self.skipped: Counter = Counter()
+        self._items: list[tuple[str, str, str]] = []  # (image path, label path, key)
+        if captions is not None:
+            with open(captions, encoding="utf-8") as f:
+                try:
+                    ids = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{captions}: not valid JSON ({e}); it must map image id -> caption") from e
+            if not isinstance(ids, dict):
+                raise ValueError(f"{captions}: must be a JSON object mapping image id (file stem) -> caption")
+            for key in ids:
+                image, label = os.path.join(self.images_dir, f"{key}.jpg"), os.path.join(self.labels_dir, f"{key}.png")
+                if os.path.isfile(image) and os.path.isfile(label):
+                    self._items.append((image, label, str(key)))
+                else:
+                    self.skipped["listed in the caption file but without an image or a label PNG"] += 1
+            total = len(ids)
+        else:
+            log.warning("coco-stuff %s: no caption file (%s); every label PNG with its image is used (the authors "
+                        "train on the images of their train_caption_coco.json only)", root, _COCO_CAPTIONS)
+            labels = sorted(f for f in os.listdir(self.labels_dir) if f.endswith(".png") and not f.startswith("."))
+            for f in labels:
+                key = f[:-len(".png")]
+                image = next((os.path.join(self.images_dir, key + e) for e in (".jpg",) + tuple(IMAGE_EXTENSIONS)
+                              if os.path.isfile(os.path.join(self.images_dir, key + e))), None)
+                if image is None:
+                    self.skipped["with a label PNG but no image"] += 1
+                    continue
+                self._items.append((image, os.path.join(self.labels_dir, f), key))
+            total = len(labels)
+        if self.skipped:
+            log.warning("coco-stuff %s: %s", root, _skip_summary(self.skipped, total))
+        if not self._items:
+            raise ValueError(f"{root}: no usable image ({_skip_summary(self.skipped, total)}); each image needs "
+                             f"{self.images_dir}/<id>.jpg and {self.labels_dir}/<id>.png")
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _load(self, i: int, exif: bool) -> tuple[np.ndarray, np.ndarray, str]:
+        path, label_path, key = self._items[i]
+        with Image.open(path) as im:
+            image = np.asarray((ImageOps.exif_transpose(im) if exif else im).convert("RGB"))
+        with Image.open(label_path) as lab:
+            label = np.asarray(lab)
+        if label.ndim != 2:
+            raise ValueError(f"{label_path}: a label map must be single-channel (mode L or P), got shape "
+                             f"{label.shape}")
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{label_path}: the label map is {label.shape[1]}x{label.shape[0]} but {path} is "
+                             f"{image.shape[1]}x{image.shape[0]}; labels must be at the image's size")
+        ids = np.unique(label)
+        bad = ids[(ids >= len(self.classes)) & (ids != 255)]
+        if bad.size:
+            raise ValueError(f"{label_path}: label ids {bad.tolist()[:8]} are neither COCO-Stuff-171 classes "
+                             "(0..170) nor unlabelled (255); use the label PNGs of prepare_coco_stuff.py")
+        return image, label.astype(np.uint8), key
+
+    def _sample(self, i: int) -> MagnetSample | None:
+        image, label, key = self._load(i, exif=False)
+        present = [int(c) for c in np.unique(label) if c != 255]
+        if not present:
+            return None
+        names, masks = _merge_by_name([clean_name(self.classes[c], self.split_dash) for c in present],
+                                      [label == c for c in present])
+        return MagnetSample(Image.fromarray(image), " ".join(names), np.stack(masks), names, key)
+
+    def __getitem__(self, i: int) -> MagnetSample:
+        i = _index(i, len(self))
+        for k in range(len(self)):  # an image without a labelled pixel gives the next one's sample
+            s = self._sample((i + k) % len(self))
+            if s is not None:
+                return s
+            log.warning("coco-stuff: %s: no labelled pixel; using the next image", self._items[(i + k) % len(self)][2])
+        raise ValueError(f"{self.root}: no image has a labelled pixel")
+
+    def paper_sample(self, i: int, rng: np.random.Generator) -> MagnetSample:
+        """Image ``i`` as the authors' mapper gives it: EXIF orientation applied (detectron2's ``read_image``),
+        :class:`~seg4diff_fast.magnet.transforms.CocoStuffChain` with ``rng``, then one mask per label id present
+        in the crop (255 excluded), in id order, named with the full COCO-Stuff-171 names; the prompt is the
+        names joined by spaces. A crop without a labelled pixel gives a sample without masks (no mask loss)."""
+        image, label, key = self._load(_index(i, len(self)), exif=True)
+        image, label = CocoStuffChain()(image, label, rng)
+        present = [int(c) for c in np.unique(label) if c != 255]
+        names = [self.classes[c] for c in present]
+        masks = (np.stack([label == c for c in present]) if present
+                 else np.zeros((0, label.shape[0], label.shape[1]), bool))
+        return MagnetSample(Image.fromarray(image), " ".join(names), masks, names, key)
+
+    def describe(self) -> str:
+        """One line for logs."""
+        cap = f"images of {self.captions}" if self.captions else "every labelled image (no caption file)"
+        skipped = _skip_summary(self.skipped, len(self) + sum(self.skipped.values()))
+        return (f"coco-stuff: {len(self)} images from {self.images_dir} + {self.labels_dir} ({cap}), 171 classes, "
+                f"direct samples ({skipped})")
+
+
+class PaperView(Dataset):
+    """A data source as ``protocol="paper"`` trains on it: ``sample(i, rng)`` is the source's
+    ``paper_sample(i, rng)`` (the authors' transform chain for that source, drawing from ``rng``), or, for a
+    source without one (your own ``Dataset`` of :class:`MagnetSample`), ``source[i]`` unchanged. A source
+    the paper protocol cannot train on (:class:`CocoMagnetData`: instances) is refused here with the fix.
+
+    Attributes:
+        pad_multiple: the batch is padded to a multiple of this (the authors' ``ImageList``: 32 for
+            COCO-Stuff and SA-1B; None: to the batch's largest image only).
+        mask_filter: (least area fraction of the padded size, most masks) applied per sample after padding
+            (SA-1B), or None.
+
+    Example:
+        >>> view = PaperView(ShapesMagnetData(n=3))
+        >>> len(view), view.sample(1, np.random.default_rng(0)).key
+        (3, 'shapes:1000001')
+    """
+
+    def __init__(self, source: Any):
+        check = getattr(source, "paper_check", None)
+        if check is not None:
+            check()
+        self.source = source
+        self.n = int(source.paper_len()) if hasattr(source, "paper_len") else len(source)
+        self.pad_multiple: int | None = getattr(source, "paper_pad_multiple", None)
+        self.mask_filter: tuple[float, int] | None = getattr(source, "paper_mask_filter", None)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, i: int, rng: np.random.Generator) -> MagnetSample:
+        i = _index(i, self.n)
+        fn = getattr(self.source, "paper_sample", None)
+        return fn(i, rng) if fn is not None else self.source[i]
+
+    def __getitem__(self, i: int) -> MagnetSample:
+        """``sample(i, numpy.random.default_rng(i))``."""
+        return self.sample(i, np.random.default_rng(int(i)))
+
+
 class SA1BMagnetData(Dataset):
     """SA-1B images with captions as matched samples: the masks (area > ``min_area`` of the image, largest
     first, at most ``max_masks``) carry no class; the trainer matches them to the caption's tokens.
 
     Layout (searched recursively, sorted): ``sa_XXXX.jpg`` + ``sa_XXXX.json`` (SA-1B's ``{"image": {...},
-    "annotations": [{"segmentation": {"size": [h, w], "counts": str}, "area": int, ...}]}``) + a caption:
-    ``sa_XXXX.txt`` beside the image (plain text; it wins), or ``root/captions.json`` mapping the image's
-    file name, relative path or stem to its caption. The prompt is the caption's first ``caption_sentences``
-    sentences (the authors keep two; None keeps all). Images without an annotation json, a caption, or a
-    mask left after filtering are dropped while indexing (one logged warning line); the index reads every
-    json once (mask sizes and areas), so opening a large folder takes a while.
+    "annotations": [{"segmentation": {"size": [h, w], "counts": str}, "area": int, ...}]}``) beside it, or
+    in the parallel folder with ``images`` replaced by ``annotations`` (the authors' layout
+    ``images/sa_000020/sa_X.jpg`` + ``annotations/sa_000020/sa_X.json``), + a caption: ``sa_XXXX.txt``
+    beside the image (plain text; it wins), or a JSON map from the image's file name, relative path or
+    stem to its caption: ``captions=PATH``, else ``root/captions.json``, ``root/train_caption_sa1b.json`` or
+    ``root/captions/train_caption_sa1b.json`` (the authors' file). The prompt is the caption's first
+    ``caption_sentences`` sentences (the authors keep two; None keeps all). Images without an annotation
+    json, a caption, or a mask left after filtering are dropped while indexing (one logged warning line);
+    the index reads every json once (mask sizes and areas), so opening a large folder takes a while.
+
+    Under ``protocol="paper"`` (:meth:`paper_sample`) every image with a json and a caption is used; its
+    masks are filtered after the authors' transform chain (above ``min_area`` of the padded batch size, at
+    most ``max_masks``: :class:`~seg4diff_fast.magnet.batch.PaperCollate`) and the prompt is their cut
+    :func:`~seg4diff_fast.magnet.transforms.authors_short_caption`.
 
     Args:
         root: the folder.
         min_area: least mask area, as a fraction of the image's pixels (strictly above).
         max_masks: most masks per sample (the largest kept).
         caption_sentences: sentences of the caption kept (None: all).
+        captions: a JSON file mapping image (file name, relative path or stem) → caption.
 
     Raises:
         ValueError: a missing folder, a folder without images, a mask whose RLE size differs from its
@@ -445,7 +688,10 @@ class SA1BMagnetData(Dataset):
         ('matched', 'A red car parked on a street. Trees line the road.', (32, 1500, 2250))
     """
 
-    def __init__(self, root: str, min_area: float = 0.005, max_masks: int = 32, caption_sentences: int | None = 2):
+    paper_pad_multiple = 32  # the authors' model pads each batch to a multiple of 32 (ImageList)
+
+    def __init__(self, root: str, min_area: float = 0.005, max_masks: int = 32, caption_sentences: int | None = 2,
+                 captions: str | None = None):
         if not os.path.isdir(root):
             raise ValueError(f"SA-1B folder {root} does not exist; give the folder holding sa_XXXX.jpg + "
                              "sa_XXXX.json + captions (sa_XXXX.txt or captions.json)")
@@ -457,6 +703,9 @@ class SA1BMagnetData(Dataset):
             raise ValueError(f"caption_sentences must be >= 1 or None, got {caption_sentences}")
         self.root, self.min_area, self.max_masks = root, float(min_area), int(max_masks)
         self.caption_sentences = None if caption_sentences is None else int(caption_sentences)
+        if captions is not None and not os.path.isfile(captions):
+            raise ValueError(f"SA-1B caption file {captions} does not exist")
+        self.captions_file = captions
 
         image_files = []
         for dirpath, dirnames, files in os.walk(root):
@@ -471,22 +720,26 @@ class SA1BMagnetData(Dataset):
         self.skipped: Counter = Counter()
         # per image: (image path, json path, key, prompt, kept annotation indices, largest first)
         self._items: list[tuple[str, str, str, str, tuple[int, ...]]] = []
+        # protocol="paper": (image path, json path, key, caption) of every image with a json and a caption
+        self._paper_items: list[tuple[str, str, str, str]] = []
         for path in image_files:
             stem = os.path.splitext(path)[0]
             rel = os.path.relpath(path, root)
             key = os.path.basename(path)
-            if not os.path.isfile(stem + ".json"):
+            json_path = self._json_path(stem, rel)
+            if json_path is None:
                 self.skipped["without an annotation json"] += 1
                 continue
             caption = self._caption(stem, rel, captions)
             if not caption:
                 self.skipped["without a caption"] += 1
                 continue
-            kept = self._kept(path, stem + ".json")
+            kept = self._kept(path, json_path)
+            self._paper_items.append((path, json_path, key, caption))
             if not kept:
                 self.skipped[f"without a mask above min_area={self.min_area}"] += 1
                 continue
-            self._items.append((path, stem + ".json", key, first_sentences(caption, self.caption_sentences), kept))
+            self._items.append((path, json_path, key, first_sentences(caption, self.caption_sentences), kept))
         if self.skipped:
             log.warning("sa1b %s: %s", root, _skip_summary(self.skipped, len(image_files)))
         if not self._items:
@@ -494,10 +747,30 @@ class SA1BMagnetData(Dataset):
                              "image needs its sa_XXXX.json, a caption (sa_XXXX.txt or captions.json) and a mask "
                              "above min_area")
 
+    def _json_path(self, stem: str, rel: str) -> str | None:
+        """``stem.json`` beside the image, else in the parallel ``annotations`` folder (the authors' layout)."""
+        if os.path.isfile(stem + ".json"):
+            return stem + ".json"
+        parts = os.path.splitext(rel)[0].split(os.sep)
+        if "images" in parts[:-1]:
+            parts[parts.index("images")] = "annotations"
+            alt = os.path.join(self.root, *parts) + ".json"
+            if os.path.isfile(alt):
+                return alt
+        base = os.path.basename(os.path.normpath(self.root))
+        if base == "images":  # root is the authors' images/ folder itself
+            alt = os.path.join(os.path.dirname(os.path.normpath(self.root)), "annotations", *parts) + ".json"
+            if os.path.isfile(alt):
+                return alt
+        return None
+
     def _caption_map(self) -> dict[str, str]:
-        path = os.path.join(self.root, "captions.json")
-        if not os.path.isfile(path):
+        found = [self.captions_file] if self.captions_file else [
+            p for p in (os.path.join(self.root, "captions.json"), os.path.join(self.root, "train_caption_sa1b.json"),
+                        os.path.join(self.root, "captions", "train_caption_sa1b.json")) if os.path.isfile(p)]
+        if not found:
             return {}
+        path = found[0]
         with open(path, encoding="utf-8") as f:
             try:
                 captions = json.load(f)
@@ -560,6 +833,44 @@ class SA1BMagnetData(Dataset):
             masks.append(_decode_rle(seg))
         return MagnetSample(image, prompt, np.stack(masks), None, key)
 
+    def paper_len(self) -> int:
+        """Images ``protocol="paper"`` trains on: every one with an annotation json and a caption."""
+        return len(self._paper_items)
+
+    @property
+    def paper_mask_filter(self) -> tuple[float, int]:
+        """(least area as a fraction of the padded batch size, most masks), applied after the transform."""
+        return self.min_area, self.max_masks
+
+    def paper_sample(self, i: int, rng: np.random.Generator) -> MagnetSample:
+        """Image ``i`` of the paper index through the authors' SA-1B chain: EXIF orientation applied (detectron2's
+        ``read_image``), :class:`~seg4diff_fast.magnet.transforms.SA1BChain` on the image and every non-crowd
+        mask, the masks sorted by area after the transform (largest first, ties in file order) with empty ones
+        dropped; the prompt :func:`~seg4diff_fast.magnet.transforms.authors_short_caption` of the caption. The
+        area filter and the cap need the batch's padded size: :class:`~seg4diff_fast.magnet.batch.PaperCollate`.
+        """
+        path, json_path, key, caption = self._paper_items[_index(i, len(self._paper_items))]
+        with Image.open(path) as im:
+            image = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        with open(json_path, encoding="utf-8") as f:
+            anns = json.load(f)["annotations"]
+        masks = []
+        for k, a in enumerate(anns):
+            if a.get("iscrowd", 0):
+                continue
+            seg = a["segmentation"]
+            if [int(v) for v in seg["size"]] != [image.shape[0], image.shape[1]]:
+                raise ValueError(f"{json_path}: mask {k} has RLE size {seg['size']} but {path} is "
+                                 f"[{image.shape[0]}, {image.shape[1]}] (after its EXIF orientation); masks must "
+                                 "be at the image's resolution")
+            masks.append(_decode_rle(seg).astype(np.uint8))
+        image, masks = SA1BChain()(image, masks, rng)
+        areas = [int(m.sum()) for m in masks]
+        order = sorted((k for k in range(len(masks)) if areas[k] > 0), key=lambda k: -areas[k])  # stable
+        stack = (np.stack([masks[k] for k in order]).astype(bool) if order
+                 else np.zeros((0, image.shape[0], image.shape[1]), bool))
+        return MagnetSample(Image.fromarray(image), authors_short_caption(caption), stack, None, key)
+
     def describe(self) -> str:
         """One line for logs."""
         sentences = "all" if self.caption_sentences is None else f"first {self.caption_sentences}"
@@ -569,9 +880,14 @@ class SA1BMagnetData(Dataset):
                 f"{_skip_summary(self.skipped, total)})")
 
 
-def open_magnet_data(spec: str, **kw: Any) -> ShapesMagnetData | CocoMagnetData | SA1BMagnetData:
+def open_magnet_data(spec: str, protocol: str | None = None,
+                     **kw: Any) -> ShapesMagnetData | CocoMagnetData | CocoStuffMagnetData | SA1BMagnetData:
     """Open a data source from a spec: ``"shapes"``, ``"shapes:N"`` (N scenes), ``"coco:DIR"``,
     ``"sa1b:DIR"``; ``kw`` go to the source's constructor.
+
+    ``"coco:DIR"`` opens COCO-Stuff label PNGs (:class:`CocoStuffMagnetData`, the authors' layout) or COCO
+    instances (:class:`CocoMagnetData`, ``DIR/annotations/instances_*.json``), whichever DIR holds; when it
+    holds both, ``protocol="corrected"`` takes the instances and otherwise COCO-Stuff.
 
     Raises:
         ValueError: an unknown scheme, a bad N, a missing folder (the message lists the accepted forms).
@@ -597,5 +913,13 @@ def open_magnet_data(spec: str, **kw: Any) -> ShapesMagnetData | CocoMagnetData 
     if scheme in ("coco", "sa1b", "sa-1b"):
         if not arg or not os.path.isdir(arg):
             raise ValueError(f"data spec {spec!r}: folder {arg!r} does not exist; accepted: {SPEC_FORMS}")
-        return CocoMagnetData(arg, **kw) if scheme == "coco" else SA1BMagnetData(arg, **kw)
+        if scheme != "coco":
+            return SA1BMagnetData(arg, **kw)
+        stuff = coco_stuff_layout(arg, kw.get("split") or "train2017") is not None
+        ann_dir = os.path.join(arg, "annotations")
+        instances = os.path.isdir(ann_dir) and any(f.startswith("instances_") and f.endswith(".json")
+                                                   for f in os.listdir(ann_dir))
+        if stuff and not (instances and protocol == "corrected"):
+            return CocoStuffMagnetData(arg, **kw)
+        return CocoMagnetData(arg, **kw)
     raise ValueError(f"unknown data spec {spec!r}; accepted: {SPEC_FORMS}")

@@ -7,7 +7,10 @@
   which a stock ``pipe.load_lora_weights(DIR)`` reads), the conv head as ``magnet_head.safetensors`` and
   the run's config as ``magnet_config.json``, written to a temporary folder and moved in file by file.
 - :func:`load_magnet_lora`: a folder or ``.safetensors`` of ours, or the authors' released ``.pth``
-  (``['model']`` keys prefixed ``backbone.transformer.`` with peft's ``.default.``; both stripped).
+  (``['model']`` keys prefixed ``backbone.transformer.`` with peft's ``.default.``; both stripped). Weights
+  that do not fit the pipeline's transformer (a block or projection it lacks, another width, A and B of
+  different ranks: a file made for another model) are refused with one error naming them
+  (:func:`check_lora_fits`), under either protocol; diffusers alone would only warn and load the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 
 __all__ = ["HEAD_FILE", "CONFIG_FILE", "LORA_FILE", "add_magnet_lora", "lora_state_dict", "save_magnet_lora",
-           "load_magnet_lora", "authors_state_dict"]
+           "load_magnet_lora", "authors_state_dict", "check_lora_fits"]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HEAD_FILE = "magnet_head.safetensors"
@@ -110,10 +113,75 @@ def authors_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _linear_sizes(module: Any) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer (peft-wrapped or not), else None."""
+    fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(fin, int) and isinstance(fout, int):
+        return fin, fout
+    return None
+
+
+def check_lora_fits(transformer: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "the LoRA") -> None:
+    """Refuse LoRA weights that do not fit ``transformer``, with one error naming them and the fix.
+
+    ``state`` holds peft keys ``<module>.lora_A.weight`` (rank × in) and ``<module>.lora_B.weight``
+    (out × rank), an optional leading ``transformer.``. A key fits when ``<module>`` is a linear layer of the
+    transformer with those sizes and its A and B agree on the rank.
+
+    Raises:
+        ValueError: listing the keys that do not fit (the first 8, and how many in all).
+
+    Example:
+        >>> import torch
+        >>> from seg4diff_fast.testing import tiny_sd3_transformer
+        >>> tr = tiny_sd3_transformer(num_layers=2)
+        >>> try:
+        ...     check_lora_fits(tr, {"transformer_blocks.5.attn.to_q.lora_A.weight": torch.zeros(4, 8)})
+        ... except ValueError as e:
+        ...     print(str(e).split(": ")[2].split(".", 4)[:4])
+        ['transformer_blocks', '5', 'attn', 'to_q']
+    """
+    model = getattr(transformer, "module", transformer)
+    modules = dict(model.named_modules())
+    bad: list[str] = []
+    ranks: dict[str, dict[str, int]] = {}
+    for key, value in state.items():
+        k = key[len("transformer."):] if key.startswith("transformer.") else key
+        name, sep, rest = k.partition(".lora_")
+        if not sep or rest not in ("A.weight", "B.weight"):
+            continue  # not a LoRA A/B weight (e.g. a DoRA magnitude): left to the loader
+        sizes = _linear_sizes(modules.get(name))
+        if sizes is None:
+            bad.append(f"{key} (no such layer)")
+            continue
+        shape = tuple(value.shape)
+        fin, fout = sizes
+        if len(shape) != 2 or (rest[0] == "A" and shape[1] != fin) or (rest[0] == "B" and shape[0] != fout):
+            want = f"(rank, {fin})" if rest[0] == "A" else f"({fout}, rank)"
+            bad.append(f"{key} (shape {shape}, the layer needs {want})")
+            continue
+        ranks.setdefault(name, {})[rest[0]] = shape[0] if rest[0] == "A" else shape[1]
+    for name, r in ranks.items():
+        if len(r) == 2 and r["A"] != r["B"]:
+            bad.append(f"{name} (lora_A rank {r['A']} but lora_B rank {r['B']})")
+    if bad:
+        blocks = len(getattr(model, "transformer_blocks", ()))
+        shown = "; ".join(bad[:8]) + (f"; ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise ValueError(
+            f"{source}: {len(bad)} of {len(state)} LoRA weights do not fit this transformer ({blocks} blocks): "
+            f"{shown}. The file was made for another model (the authors' MAGNET .pth files are for SD3-medium: "
+            "24 blocks, width 1536); load it into the pipeline it was trained for")
+
+
 def load_magnet_lora(pipe: Any, path: str, adapter_name: str = "magnet") -> Any:
     """Load a MAGNET LoRA into ``pipe`` (a diffusers SD3 pipeline): our output folder or ``.safetensors``,
     or the authors' released ``.pth``. Returns the pipeline. The conv head is not loaded: zero-shot
     segmentation reads the maps without it.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: an unreadable ``.pth``, one without LoRA weights, or weights that do not fit the
+            pipeline's transformer (:func:`check_lora_fits`: every mismatching key named, and the fix).
 
     Example:
         >>> import os, tempfile, torch
@@ -128,6 +196,11 @@ def load_magnet_lora(pipe: Any, path: str, adapter_name: str = "magnet") -> Any:
     if not os.path.exists(path):
         raise FileNotFoundError(f"no MAGNET weights at {path}")
     if os.path.isdir(path) or path.endswith(".safetensors"):
+        weights = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+        if os.path.isfile(weights):
+            from safetensors.torch import load_file
+
+            check_lora_fits(pipe.transformer, load_file(weights), weights)
         pipe.load_lora_weights(path, adapter_name=adapter_name)
         return pipe
     try:
@@ -135,6 +208,8 @@ def load_magnet_lora(pipe: Any, path: str, adapter_name: str = "magnet") -> Any:
     except Exception as e:  # noqa: BLE001 - pickle errors vary
         raise ValueError(f"cannot read {path} as a tensor-only checkpoint ({e}); convert it to safetensors "
                          "or check the file") from None
-    state = {f"transformer.{k}": v for k, v in authors_state_dict(ckpt).items()}
+    own = authors_state_dict(ckpt)
+    check_lora_fits(pipe.transformer, own, path)
+    state = {f"transformer.{k}": v for k, v in own.items()}
     pipe.load_lora_weights(state, adapter_name=adapter_name)
     return pipe

@@ -3,6 +3,8 @@
 The cost of pairing prediction i with target j is ``focal_weight·focal[i, j] + dice_weight·dice[i, j]`` on
 the token grid (targets downsampled with nearest interpolation), computed for all pairs at once with two
 matmuls per term; :func:`match_masks` solves the assignment with ``scipy.optimize.linear_sum_assignment``.
+The focal term has two forms: ``"standard"`` (the sigmoid in the modulating factor) and ``"authors"`` (the raw
+logit there, as ``batch_sigmoid_focal_loss`` in the authors' ``matcher.py`` computes it: ``prob = inputs``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["match_costs", "match_masks"]
+__all__ = ["match_costs", "match_masks", "FOCAL_FORMS"]
+
+#: The focal forms of the matching cost.
+FOCAL_FORMS = ("standard", "authors")
 
 
 @torch.no_grad()
@@ -23,6 +28,7 @@ def match_costs(
     dice_weight: float = 1.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    focal_form: str = "standard",
 ) -> torch.Tensor:
     """(P, M) float32 matching costs between P mask logits and M binary target masks.
 
@@ -32,6 +38,7 @@ def match_costs(
 
     - ``focal[i, j] = (pos_i·t_j + neg_i·(1 − t_j)) / n``, pos = α(1 − p)^γ·softplus(−x),
       neg = (1 − α)p^γ·softplus(x) (the mean standard sigmoid focal loss; α < 0 drops the α factors);
+      with ``focal_form="authors"`` the modulating factors are (1 − x)^γ and x^γ (the raw logit for p);
     - ``dice[i, j] = 1 − (2 p_i·t_j + 1) / (Σp_i + Σt_j + 1)``.
 
     Computed in float32, without autograd.
@@ -41,6 +48,7 @@ def match_costs(
         target: (M, H, W) masks in {0, 1} (bool, integer or floating).
         focal_weight, dice_weight: weights of the two costs (MAGNET: 0.02 and 1.0).
         alpha, gamma: the focal loss' α and γ.
+        focal_form: ``"standard"`` or ``"authors"`` (see above).
 
     Returns:
         (P, M) float32 tensor on ``pred``'s device.
@@ -57,6 +65,8 @@ def match_costs(
         (torch.Size([2, 1]), True)
     """
     _check(pred, target)
+    if focal_form not in FOCAL_FORMS:
+        raise ValueError(f"match_costs: focal_form must be one of {FOCAL_FORMS}, got {focal_form!r}")
     h, w = pred.shape[-2:]
     t = target.to(device=pred.device, dtype=torch.float32)
     if t.shape[-2:] != (h, w):
@@ -65,9 +75,13 @@ def match_costs(
     x = pred.float().reshape(pred.shape[0], n)  # (P, n)
     t = t.reshape(t.shape[0], n)  # (M, n)
     p = torch.sigmoid(x)
-    pm = torch.sigmoid(-x)  # 1 − p
-    pos = pm.pow(gamma) * F.softplus(-x)  # −log p = softplus(−x): the loss where t = 1
-    neg = p.pow(gamma) * F.softplus(x)  # −log(1 − p) = softplus(x): the loss where t = 0
+    if focal_form == "standard":
+        pm = torch.sigmoid(-x)  # 1 − p
+        pos = pm.pow(gamma) * F.softplus(-x)  # −log p = softplus(−x): the loss where t = 1
+        neg = p.pow(gamma) * F.softplus(x)  # −log(1 − p) = softplus(x): the loss where t = 0
+    else:  # the authors' matcher: the raw logit stands for p in the modulating factors
+        pos = (1.0 - x).pow(gamma) * F.softplus(-x)
+        neg = x.pow(gamma) * F.softplus(x)
     if alpha >= 0:
         pos = pos * alpha
         neg = neg * (1.0 - alpha)
@@ -83,6 +97,7 @@ def match_masks(
     dice_weight: float = 1.0,
     alpha: float = 0.25,
     gamma: float = 2.0,
+    focal_form: str = "standard",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimum-cost one-to-one matching of predictions to targets on :func:`match_costs`.
 
@@ -90,7 +105,7 @@ def match_masks(
     ``scipy.optimize.linear_sum_assignment``.
 
     Args:
-        pred, target, focal_weight, dice_weight, alpha, gamma: as for :func:`match_costs`.
+        pred, target, focal_weight, dice_weight, alpha, gamma, focal_form: as for :func:`match_costs`.
 
     Returns:
         ``(pred_idx, tgt_idx)``: int64 CPU tensors of length min(P, M), sorted by target index; pair r
@@ -107,7 +122,7 @@ def match_masks(
         >>> pred_idx.tolist(), tgt_idx.tolist()
         ([2, 0], [0, 1])
     """
-    cost = match_costs(pred, target, focal_weight, dice_weight, alpha, gamma)
+    cost = match_costs(pred, target, focal_weight, dice_weight, alpha, gamma, focal_form)
     if cost.numel() == 0:
         empty = torch.empty(0, dtype=torch.int64)
         return empty, empty.clone()

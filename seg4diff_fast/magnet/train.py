@@ -6,6 +6,10 @@ backward runs through the op's backward). Everything random derives from ``(seed
 rank)`` and the data order from ``(seed, epoch)``, so a run resumed from a checkpoint ends with the same
 LoRA as an uninterrupted one. Checkpoints (LoRA, head, optimizer, scheduler, step) are written
 atomically; the final LoRA goes out through the pipeline class's ``save_lora_weights``.
+
+``MagnetConfig.protocol`` picks the authors' training (``"paper"``: their data chains, token rules, cost and
+head) or this package's (``"corrected"``); docs/PAPER_PROTOCOL_MAGNET.md lists every difference. Under paper the
+sampler yields ``(index, position)`` so each sample's crop and flip come from ``(seed, position)``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 
 from ..reader import PipelineReader, TextState
 from ..utils.files import atomic_torch_save, write_json
-from .batch import PreparedData, collate_prepared, plan_tokens, predictions_and_targets
+from .batch import PaperCollate, PreparedData, collate_prepared, plan_tokens, predictions_and_targets
 from .config import MagnetConfig
 from .head import MapHead
 from .lora import add_magnet_lora, lora_state_dict, save_magnet_lora
@@ -39,11 +43,14 @@ LOG_FILE = "log.jsonl"
 
 class _Order(torch.utils.data.Sampler):
     """This rank's sample indices from global position ``start`` on: epochs are seeded permutations of
-    the dataset, each global batch of ``batch · world`` indices is split by rank."""
+    the dataset, each global batch of ``batch · world`` indices is split by rank. ``positions``: yield
+    ``(index, global position)`` pairs (the paper protocol seeds each sample's transforms from the position)."""
 
-    def __init__(self, n: int, seed: int, start: int, batch: int, rank: int, world: int, total: int):
+    def __init__(self, n: int, seed: int, start: int, batch: int, rank: int, world: int, total: int,
+                 positions: bool = False):
         self.n, self.seed, self.start = n, seed, start
         self.batch, self.rank, self.world, self.total = batch, rank, world, total
+        self.positions = positions
 
     def _global(self, pos: int) -> int:
         epoch, i = divmod(pos, self.n)
@@ -55,7 +62,7 @@ class _Order(torch.utils.data.Sampler):
         for g in range(self.start, self.total):  # g: global micro-batch number
             base = g * per_global + self.rank * self.batch
             for j in range(self.batch):
-                yield self._global(base + j)
+                yield (self._global(base + j), base + j) if self.positions else self._global(base + j)
 
     def __len__(self) -> int:
         return (self.total - self.start) * self.batch
@@ -83,8 +90,8 @@ def train_magnet(
         pipe_or_path: a diffusers ``StableDiffusion3Pipeline`` or a model path / id for
             :func:`~seg4diff_fast.models.load_pipeline` (None: the embedded ShapesWorld pipeline).
         dataset: a MAGNET data source (:func:`~seg4diff_fast.magnet.data.open_magnet_data`: ShapesWorld,
-            COCO, SA-1B) or a spec string for it.
-        config: :class:`MagnetConfig` (defaults: the authors' COCO settings).
+            COCO-Stuff, COCO instances (corrected only), SA-1B) or a spec string for it.
+        config: :class:`MagnetConfig` (defaults: the authors' COCO settings, ``protocol="paper"``).
         output_dir: checkpoints, ``log.jsonl`` and the final LoRA (``pytorch_lora_weights.safetensors``,
             ``magnet_head.safetensors``, ``magnet_config.json``).
         resume: continue from ``output_dir/checkpoint.pt`` (exactly: same final LoRA as without a stop).
@@ -111,8 +118,10 @@ def train_magnet(
 
     cfg = config or MagnetConfig()
     if isinstance(dataset, str):
-        dataset = open_magnet_data(dataset)
-    if len(dataset) == 0:
+        dataset = open_magnet_data(dataset, protocol=cfg.protocol)
+    # the paper protocol reads the source through PaperView (which refuses a source it cannot train on)
+    n_samples = len(PreparedData(dataset, 1, protocol=cfg.protocol, seed=cfg.seed))
+    if n_samples == 0:
         raise ValueError("the MAGNET dataset is empty")
     os.makedirs(output_dir, exist_ok=True)
     ckpt_path = os.path.join(output_dir, CHECKPOINT_FILE)
@@ -153,7 +162,7 @@ def train_magnet(
     if cfg.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
     tr.train()
-    head = MapHead().to(dev) if cfg.conv_head else None
+    head = MapHead(zero_init=not cfg.paper).to(dev) if cfg.conv_head else None
     params = lora_params + (list(head.parameters()) if head is not None else [])
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = get_scheduler("cosine", opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
@@ -161,6 +170,10 @@ def train_magnet(
     start = 0
     if resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        was = (state.get("config") or {}).get("protocol", "corrected")
+        if was != cfg.protocol:
+            raise ValueError(f"{ckpt_path} was trained with protocol={was!r} but this run uses {cfg.protocol!r}; "
+                             f"resume with protocol={was!r} (CLI: --{was}) or start in another output folder")
         from peft.utils import set_peft_model_state_dict
 
         set_peft_model_state_dict(tr, state["lora"])
@@ -176,12 +189,12 @@ def train_magnet(
     cap = capture.__enter__()
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
-    data = PreparedData(dataset, resolution)
+    data = PreparedData(dataset, resolution, protocol=cfg.protocol, seed=cfg.seed)
     total_micro = cfg.max_steps * cfg.grad_accum
     sampler = _Order(len(data), cfg.seed, start * cfg.grad_accum, cfg.batch_size, acc.process_index,
-                     acc.num_processes, total_micro)
+                     acc.num_processes, total_micro, positions=cfg.paper)
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                                         collate_fn=collate_prepared)
+                                         collate_fn=PaperCollate(resolution) if cfg.paper else collate_prepared)
     batches = iter(loader)
 
     main = acc.is_main_process
@@ -211,7 +224,8 @@ def train_magnet(
                 gen = torch.Generator().manual_seed(
                     int(np.random.default_rng([cfg.seed, step, micro, acc.process_index]).integers(2**62)))
                 totals["samples"] += len(batch["prompt"])
-                plans = [plan_tokens(p, n, reader.tokenizer) for p, n in zip(batch["prompt"], batch["names"])]
+                plans = [plan_tokens(p, n, reader.tokenizer, protocol=cfg.protocol)
+                         for p, n in zip(batch["prompt"], batch["names"])]
                 for pl in plans:
                     if pl.skip:
                         skipped[pl.skip] = skipped.get(pl.skip, 0) + 1
@@ -235,10 +249,11 @@ def train_magnet(
                     pt = predictions_and_targets(maps, masks, plans, head=head_model,
                                                  match_focal_weight=cfg.match_focal_weight,
                                                  match_dice_weight=cfg.match_dice_weight,
-                                                 focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
+                                                 focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma,
+                                                 protocol=cfg.protocol, match_focal_form=cfg.cost_focal_form)
                     if pt is not None:
                         focal, dice = focal_dice_loss(pt[0].float(), pt[1], alpha=cfg.focal_alpha,
-                                                      gamma=cfg.focal_gamma, focal_form=cfg.focal_form)
+                                                      gamma=cfg.focal_gamma, focal_form=cfg.loss_focal_form)
                         sums["masks"] += int(pt[0].shape[0])
                         totals["masks"] += int(pt[0].shape[0])
                     else:  # keep the graph identical across ranks: zero-weight the maps
