@@ -22,7 +22,7 @@ from .data import (
     open_magnet_data,
 )
 from .head import MapHead
-from .lora import add_magnet_lora, check_lora_fits, load_magnet_lora, save_magnet_lora
+from .lora import add_magnet_lora, check_lora_fits, load_magnet_head, load_magnet_lora, save_magnet_lora
 from .losses import focal_dice_loss
 from .matching import match_costs, match_masks
 from .train import train_magnet
@@ -41,6 +41,7 @@ __all__ = [
     "check_lora_fits",
     "focal_dice_loss",
     "match_masks",
+    "load_magnet_head",
     "load_magnet_lora",
     "match_costs",
     "open_magnet_data",

@@ -1,7 +1,8 @@
 """The authors' small conv head on the expert layer's maps: 3×3 convs 1→64→64→1, added as a residual.
 
-Trained with the LoRA and saved beside it (``magnet_head.safetensors``); zero-shot use reads the maps
-without it. Where it sits and how it starts depends on the protocol (docs/PAPER_PROTOCOL_MAGNET.md):
+Trained with the LoRA and saved beside it (``magnet_head.safetensors``, :func:`~.lora.load_magnet_head`);
+segmentation reads the maps without it unless given ``Seg4DiffSegmenter(map_head=head.reader(protocol))``.
+Where it sits and how it starts depends on the protocol (docs/PAPER_PROTOCOL_MAGNET.md):
 
 - ``protocol="corrected"`` (``MapHead()``): on each prediction (a class's token mean), the last conv
   zero-initialised, so an untrained head is the identity and training starts from the model's own maps;
@@ -11,6 +12,8 @@ without it. Where it sits and how it starts depends on the protocol (docs/PAPER_
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,3 +54,32 @@ class MapHead(nn.Module):
         lead, (h, w) = maps.shape[:-2], maps.shape[-2:]
         x = maps.reshape(-1, 1, h, w)
         return (x + self.net(x.to(self.net[0].weight.dtype)).to(x.dtype)).reshape(*lead, h, w)
+
+    def reader(self, protocol: str = "paper") -> Callable[[torch.Tensor], torch.Tensor]:
+        """The head as segmentation reads it: a function of one layer's token maps (T, h, w), for
+        ``Seg4DiffSegmenter(map_head=...)``.
+
+        - ``"paper"``: as the authors' evaluation model applies it (``seg4diff_model_ovss.py``): the convs
+          alone, no residual, over the maps arranged as one 2-D array of (h·w flattened pixels × T tokens) —
+          so the kernel runs along the pixel index and the token index, not over the image grid;
+        - ``"corrected"``: as it is trained (``forward``): each token map on its own grid, with the residual.
+
+        Example:
+            >>> import torch
+            >>> head = MapHead(zero_init=False)
+            >>> head.reader("paper")(torch.rand(5, 4, 4)).shape
+            torch.Size([5, 4, 4])
+        """
+        if protocol not in ("paper", "corrected"):
+            raise ValueError(f"protocol must be 'paper' or 'corrected', got {protocol!r}")
+
+        @torch.no_grad()
+        def read(maps: torch.Tensor) -> torch.Tensor:
+            if protocol == "corrected":
+                return self(maps)
+            t, h, w = maps.shape
+            grid = maps.reshape(t, h * w).T[None, None]  # (1, 1, pixels, tokens)
+            out = self.net(grid.to(self.net[0].weight.dtype)).to(maps.dtype)
+            return out[0, 0].T.reshape(t, h, w)
+
+        return read

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 __all__ = ["HEAD_FILE", "CONFIG_FILE", "LORA_FILE", "add_magnet_lora", "lora_state_dict", "save_magnet_lora",
-           "load_magnet_lora", "authors_state_dict", "check_lora_fits"]
+           "load_magnet_lora", "load_magnet_head", "authors_state_dict", "check_lora_fits"]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HEAD_FILE = "magnet_head.safetensors"
@@ -175,8 +175,8 @@ def check_lora_fits(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
 
 def load_magnet_lora(pipe: Any, path: str, adapter_name: str = "magnet") -> Any:
     """Load a MAGNET LoRA into ``pipe`` (a diffusers SD3 pipeline): our output folder or ``.safetensors``,
-    or the authors' released ``.pth``. Returns the pipeline. The conv head is not loaded: zero-shot
-    segmentation reads the maps without it.
+    or the authors' released ``.pth``. Returns the pipeline. The conv head is not loaded: segmentation reads
+    the maps without it unless given one (:func:`load_magnet_head`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -213,3 +213,21 @@ def load_magnet_lora(pipe: Any, path: str, adapter_name: str = "magnet") -> Any:
     state = {f"transformer.{k}": v for k, v in own.items()}
     pipe.load_lora_weights(state, adapter_name=adapter_name)
     return pipe
+
+
+def load_magnet_head(path: str) -> Any:
+    """The conv head a MAGNET run saved in its output folder (``magnet_head.safetensors``), or None when the
+    run trained none (the authors' released ``.pth`` files hold the LoRA only). Pass
+    ``head.reader(protocol)`` as ``Seg4DiffSegmenter(map_head=...)`` to segment with it."""
+    from safetensors.torch import load_file
+
+    from .head import MapHead
+
+    file = os.path.join(path, HEAD_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        return None
+    state = load_file(file)
+    width = int(state["net.0.weight"].shape[0])
+    head = MapHead(width=width)
+    head.load_state_dict(state)
+    return head.eval().requires_grad_(False)

@@ -33,7 +33,7 @@ measures both against a single prompt.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +144,10 @@ class Seg4DiffSegmenter:
         backend: ``joint_attention`` backend (None: best available).
         protocol: ``"paper"`` (default: the authors' code exactly where it has quirks) or ``"corrected"``;
             today only unsupervised segmentation differs (:meth:`unsupervised`), and evaluation follows it.
+        map_head: called on each layer's token maps (T, h, w) before the class means, e.g. a MAGNET conv head
+            (``seg4diff_fast.magnet.load_magnet_head(run).reader(protocol)``); None: the maps as captured.
+            Unsupervised segmentation never applies it (the authors' unsupervised model computes the head and
+            discards it).
 
     Example:
         >>> import torch
@@ -178,10 +182,12 @@ class Seg4DiffSegmenter:
         early_exit: bool = True,
         backend: str | None = None,
         protocol: str = "paper",
+        map_head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.protocol = protocol
+        self.map_head = map_head
         if isinstance(pipe, PipelineReader):
             self.reader = pipe
         else:
@@ -282,6 +288,9 @@ class Seg4DiffSegmenter:
         maps = self.reader.read_rows(latents, text, [(k, which[chunk.prompt]) for k, chunk in rows], layers_t,
                                      batch_size=batch_size or self.batch_size, mode=self.mode,
                                      head_reduce=self.head_reduce, all_text=all_text)
+        if self.map_head is not None:
+            with torch.no_grad():
+                maps = [torch.stack([self.map_head(m[j]) for j in range(m.shape[0])]) for m in maps]
         return [class_scores([(chunk, m) for (k, chunk), m in zip(rows, maps) if k == i], merge)
                 for i in range(len(plans))]
 

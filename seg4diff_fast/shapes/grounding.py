@@ -115,14 +115,16 @@ class GroundingScore:
 # ----------------------------------------------------------------------------------------------------
 # every block through the segmenter (the trainer's checkpoints, the probe)
 def evaluate_grounding(pipe: Any, scenes: list[Scene], size: int, t5_length: int = 77,
-                       batch_size: int = 16) -> dict[str, Any]:
+                       batch_size: int = 16, map_head: Any = None) -> dict[str, Any]:
     """Per-block mIoU (percent) of the head-mean I2T maps, protocols A and B, and their baselines, plus
-    :func:`attention_budget` on the first 16 scenes."""
+    :func:`attention_budget` on the first 16 scenes. ``map_head``: read the maps through a MAGNET conv head
+    (``Seg4DiffSegmenter(map_head=)``)."""
     from ..segment import Seg4DiffSegmenter
 
     n_layers = len(pipe.transformer.transformer_blocks)
     layers = list(range(n_layers))
-    seg = Seg4DiffSegmenter(pipe, layer=layers, resolution=size, t5_length=t5_length, batch_size=batch_size)
+    seg = Seg4DiffSegmenter(pipe, layer=layers, resolution=size, t5_length=t5_length, batch_size=batch_size,
+                            map_head=map_head)
     a_scenes = [s for s in scenes if in_protocol_a(s)]
     out: dict[str, Any] = {"n_A": len(a_scenes), "n_B": len(scenes)}
     score = GroundingScore(layers)
