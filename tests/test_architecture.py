@@ -76,11 +76,8 @@ def test_parts_import_only_from_below():
     assert not wrong, "\n".join(wrong)
 
 
-def test_no_cycle_between_parts():
-    graph: dict[str, set[str]] = {}
-    for m, _, part, _ in _edges():
-        if part != _part(m):
-            graph.setdefault(_part(m), set()).add(part)
+def _on_cycles(graph: dict[str, set[str]]) -> list[str]:
+    """The nodes of a directed graph that can reach themselves."""
 
     def reach(a: str, seen: set[str]) -> set[str]:
         for b in graph.get(a, ()):
@@ -89,7 +86,15 @@ def test_no_cycle_between_parts():
                 reach(b, seen)
         return seen
 
-    cycles = sorted(a for a in graph if a in reach(a, set()))
+    return sorted(a for a in graph if a in reach(a, set()))
+
+
+def test_no_cycle_between_parts():
+    graph: dict[str, set[str]] = {}
+    for m, _, part, _ in _edges():
+        if part != _part(m):
+            graph.setdefault(_part(m), set()).add(part)
+    cycles = _on_cycles(graph)
     assert not cycles, f"parts on an import cycle: {cycles}"
 
 
@@ -109,12 +114,4 @@ def test_no_module_cycle_inside(module):
     """Inside ops/ and reader/ the module graph itself is acyclic (a backend never imports its dispatcher)."""
     mods = {m: p for m, p in _modules().items() if m.startswith(module)}
     graph = {m: {t for t, _ in _imports(m, p) if t in mods and t != m and t != module} for m, p in mods.items()}
-
-    def reach(a: str, seen: set[str]) -> set[str]:
-        for b in graph.get(a, ()):
-            if b not in seen:
-                seen.add(b)
-                reach(b, seen)
-        return seen
-
-    assert not [m for m in graph if m != module and m in reach(m, set())]
+    assert not [m for m in _on_cycles(graph) if m != module]
