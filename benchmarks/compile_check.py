@@ -55,7 +55,9 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     # the largest tiles the autotuner keeps for each dtype (kernels.joint_attention.prune_configs)
     failures = 0
-    for dt, d, mode, reduce in itertools.product(["bf16", "fp16", "fp32"], [64, 128], [0, 1, 2], [0, 1, 2]):
+    modes = [kj.MODE_PROBS.value, kj.MODE_LOGITS.value, kj.MODE_SEL_PROBS.value]
+    reduces = [kj.REDUCE_SUM.value, kj.REDUCE_MAX.value, kj.REDUCE_STORE.value]
+    for dt, d, mode, reduce in itertools.product(["bf16", "fp16", "fp32"], [64, 128], modes, reduces):
         prec = "ieee" if dt == "fp32" else "tf32"
         ptr = {n: f"*{dt}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DV")}
         ptr |= {n: "*fp32" for n in ("LSE", "MAPS", "DELTA", "G", "LSEL", "HSEL", "DKSEL")}
@@ -65,7 +67,7 @@ def main() -> int:
                                  CAPTURE=True, MODE=mode,
                                  REDUCE=reduce, PREC=prec)),
         ]
-        if reduce == 0:
+        if reduce == kj.REDUCE_SUM.value:  # the backward kernels do not depend on the forward's head reduction
             jobs += [
                 (kj._bwd_preprocess, dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_C=64, CAP_GRAD=True, MODE=mode, PREC=prec)),
                 (kj._bwd_dkdv, dict(HEAD_DIM=d, BLOCK_M=64, BLOCK_N=64, PREC=prec)),
@@ -88,9 +90,10 @@ def main() -> int:
         failures += 1
         print(f"FAIL _upsample_argmax_kernel: {type(exc).__name__}: {exc}"[:2000])
     # focal/dice: every pred dtype × target dtype × focal form × power, the GPU block size
+    powers = [kf.POW_ONE.value, kf.POW_SQUARE.value, kf.POW_GENERIC.value]
     for xdt, tdt, authors, power in itertools.product(["fp32", "fp16", "bf16"], ["u8", "fp32", "fp16", "bf16"],
-                                                      [False, True], [kf.POW_ONE, kf.POW_SQUARE, kf.POW_GENERIC]):
-        if authors and power != kf.POW_SQUARE:
+                                                      [False, True], powers):
+        if authors and power != kf.POW_SQUARE.value:
             continue
         consts = dict(AUTHORS=authors, POW=power, BLOCK=1024)
         for kernel, ptr in ((kf._focal_dice_fwd_kernel, {"X": f"*{xdt}", "T": f"*{tdt}", "PARTIAL": "*fp32"}),

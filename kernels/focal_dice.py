@@ -34,7 +34,11 @@ from .bilinear import bilinear_sample
 # Output allocator (tests replace it with a NaN-filling one so unwritten elements show up).
 empty_output = torch.empty
 
-POW_ONE, POW_SQUARE, POW_GENERIC = 0, 1, 2  # q^γ for γ = 0, γ = 2, any other γ
+# POW: how the kernels form the focal modulation q^γ. tl.constexpr, the only kind of global a @triton.jit
+# function may read; the launchers pass the plain int values (``.value``, see _pow_mode).
+POW_ONE = tl.constexpr(0)  # γ = 0: q^γ = 1
+POW_SQUARE = tl.constexpr(1)  # γ = 2: q·q (also the "authors" form)
+POW_GENERIC = tl.constexpr(2)  # any other γ: 2^(γ·log2 q), 0 where q = 0
 
 
 def _interpreting() -> bool:
@@ -62,11 +66,11 @@ def _pointwise(x, t, alpha, gamma, AUTHORS: tl.constexpr, POW: tl.constexpr):
     else:
         p_t = p * t + pm * (1.0 - t)
         q = p * (1.0 - t) + pm * t  # 1 − p_t, from the accurate σ(±x)
-        if POW == 0:
+        if POW == POW_ONE:
             mod = tl.full(x.shape, 1.0, tl.float32)
-        elif POW == 1:
+        elif POW == POW_SQUARE:
             mod = q * q
-        else:
+        else:  # POW_GENERIC
             qpos = q > 0  # q ≥ 0 mathematically; q = 0 gives 0 (γ > 0 here)
             mod = tl.where(qpos, tl.exp2(gamma * tl.log2(tl.where(qpos, q, 1.0))), 0.0)
         dmod = gamma * mod * p_t * (1.0 - 2.0 * t)
@@ -81,6 +85,8 @@ def _focal_dice_fwd_kernel(
     IN_H, IN_W, OUT_H, OUT_W, N_BLOCKS, scale_h, scale_w, alpha, gamma,
     AUTHORS: tl.constexpr, POW: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """One program per (mask k, block of BLOCK target pixels): x = bilinear sample of pred[k] at each pixel,
+    then this block's partial sums Σ focal_px, Σ p·t, Σ p, Σ t into PARTIAL[k, blk, 0:4]."""
     pid = tl.program_id(0)
     k = pid // N_BLOCKS
     blk = pid % N_BLOCKS
@@ -104,6 +110,8 @@ def _focal_dice_bwd_kernel(
     IN_H, IN_W, OUT_H, OUT_W, N_BLOCKS, scale_h, scale_w, alpha, gamma, focal_norm, dice_norm,
     AUTHORS: tl.constexpr, POW: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Same grid as the forward: dL/dx = g_focal·d focal_px/dx / (K·H·W) + g_dice·d dice_k/dx / K per pixel,
+    scattered to pred's 4 source cells with the bilinear weights (the adjoint of the upsampling)."""
     pid = tl.program_id(0)
     k = pid // N_BLOCKS
     blk = pid % N_BLOCKS
@@ -133,7 +141,8 @@ def _focal_dice_bwd_kernel(
 
 
 def _pow_mode(gamma: float) -> int:
-    return POW_ONE if gamma == 0 else POW_SQUARE if gamma == 2 else POW_GENERIC
+    """The POW constexpr for γ, as the int the launch passes."""
+    return (POW_ONE if gamma == 0 else POW_SQUARE if gamma == 2 else POW_GENERIC).value
 
 
 def _launch_geometry(out_h: int, out_w: int) -> tuple[int, int, int]:

@@ -22,6 +22,8 @@ def _upsample_argmax_kernel(
     K, IN_H, IN_W, OUT_H, OUT_W, scale_h, scale_w,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """One program per BLOCK_P output pixels: for each class k (BLOCK_K at a time) the bilinear value
+    v_k = hy·(hx·s00 + lx·s01) + ly·(hx·s10 + lx·s11); keeps argmax_k v_k, max_k v_k and Σ_k v_k."""
     pid = tl.program_id(0)
     offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     pix_ok = offs_p < OUT_H * OUT_W

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from conftest import fresh_seed
 
 import seg4diff_fast.magnet.losses as losses
+import seg4diff_fast.ops.focal_dice as focal_dice_mod
 from seg4diff_fast.magnet import focal_dice_loss
-from seg4diff_fast.ops.joint_attention import triton_available
+from seg4diff_fast.ops.backends import triton_available
 
 BACKENDS = [
     pytest.param("triton", marks=pytest.mark.skipif(not triton_available(), reason="triton is not installed")),
@@ -28,7 +29,7 @@ BWD_TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 @pytest.fixture(autouse=True)
 def poison(poison_outputs, monkeypatch):
     """Every buffer the ops allocate with empty_output starts as NaN: an element left unwritten fails."""
-    monkeypatch.setattr(losses, "empty_output", poison_outputs)
+    monkeypatch.setattr(focal_dice_mod, "empty_output", poison_outputs)
     if triton_available():
         import seg4diff_fast.kernels.focal_dice as kernel_mod
 
@@ -186,14 +187,14 @@ def test_torch_backend_chunks(monkeypatch, device):
     ab = torch.randn(2, dtype=torch.float64).tolist()
     whole = check(pred, target, "torch", seed=seed, ab=ab)
     sizes = []
-    real = losses._upsample
+    real = focal_dice_mod._upsample
 
     def spy(chunk, size):
         sizes.append(chunk.shape[0])
         return real(chunk, size)
 
-    monkeypatch.setattr(losses, "_upsample", spy)
-    monkeypatch.setattr(losses, "CHUNK_BYTES", 4 * 11 * 13 * 3)  # 3 masks per chunk: 3, 3, 1
+    monkeypatch.setattr(focal_dice_mod, "_upsample", spy)
+    monkeypatch.setattr(focal_dice_mod, "CHUNK_BYTES", 4 * 11 * 13 * 3)  # 3 masks per chunk: 3, 3, 1
     chunked = check(pred, target, "torch", seed=seed, ab=ab)
     assert sizes == [3, 3, 1] * 2  # forward, then the backward's recompute: never more than a chunk
     for a, b in zip(whole, chunked):
@@ -236,3 +237,17 @@ def test_input_validation(pred, target, exc, match):
 def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         focal_dice_loss(torch.zeros(2, 4, 4), torch.zeros(2, 8, 8), **kwargs)
+
+
+def test_magnet_reexports_the_op():
+    """magnet.losses is a thin re-export of ops.focal_dice (the op's dispatch lives in ops)."""
+    assert losses.focal_dice_loss is focal_dice_mod.focal_dice_loss is focal_dice_loss
+    assert losses.CHUNK_BYTES == focal_dice_mod.CHUNK_BYTES and losses.FOCAL_FORMS == focal_dice_mod.FOCAL_FORMS
+    assert tuple(focal_dice_mod.BACKEND_REGISTRY) == focal_dice_mod.BACKENDS == ("triton", "torch", "reference")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_backend_errors_name_the_op(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="^focal_dice_loss: backend 'triton' runs on CUDA tensors"):
+        focal_dice_loss(torch.zeros(2, 4, 4), torch.zeros(2, 8, 8), backend="triton")

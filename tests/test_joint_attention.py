@@ -14,7 +14,15 @@ import torch
 from conftest import HAS_CUDA
 
 from seg4diff_fast import joint_attention
-from seg4diff_fast.ops.joint_attention import resolve_backend
+from seg4diff_fast.ops.joint_attention import (
+    BACKEND_REGISTRY,
+    CaptureSpec,
+    resolve_backend,
+    triton_available,
+)
+from seg4diff_fast.ops.reference import reference_joint_attention
+from seg4diff_fast.ops.torch_attention import torch_joint_attention
+from seg4diff_fast.ops.upsample_argmax import upsample_argmax
 
 BACKENDS = ["triton", "torch", "reference"]
 MODES = ["probs", "logits", "sel_probs"]
@@ -294,6 +302,58 @@ def test_backend_selection(monkeypatch):
         resolve_backend("triton", cpu)
 
 
+def test_backend_errors_name_the_op(monkeypatch):
+    """resolve_backend's messages name the op that asked; the default is joint_attention's."""
+    monkeypatch.delenv("SEG4DIFF_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"^joint_attention: backend='cuda' is not one of \('triton', 'torch', 'ref"):
+        resolve_backend("cuda", cpu)
+    with pytest.raises(ValueError, match="^focal_dice_loss: backend='cuda'"):
+        resolve_backend("cuda", cpu, op="focal_dice_loss")
+    if triton_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="^joint_attention: backend 'triton' runs on CUDA tensors"):
+            resolve_backend("triton", cpu)
+        with pytest.raises(RuntimeError, match="^upsample_argmax: backend 'triton' runs on CUDA tensors"):
+            upsample_argmax(torch.zeros(2, 4, 4), (8, 8), backend="triton")
+
+
+def test_dispatch_goes_through_the_registry(monkeypatch):
+    """joint_attention calls BACKEND_REGISTRY[name] with (q, k, v, spec, scale, deterministic=...)."""
+    assert BACKEND_REGISTRY.names() == tuple(BACKENDS) == ("triton", "torch", "reference")
+    assert BACKEND_REGISTRY["torch"] is torch_joint_attention
+    assert BACKEND_REGISTRY["reference"] is reference_joint_attention
+    calls = []
+
+    def fake(q, k, v, spec, scale, deterministic=False):
+        calls.append((spec, scale, deterministic))
+        return q, None
+
+    monkeypatch.setitem(BACKEND_REGISTRY, "torch", fake)
+    q, k, v = _qkv()
+    joint_attention(q, k, v, capture_cols=torch.tensor([1]), scale=0.5, backend="torch", deterministic=True)
+    ((spec, scale, det),) = calls
+    assert isinstance(spec, CaptureSpec) and scale == 0.5 and det is True
+
+
+def test_public_names_stay_importable():
+    """The names importable before the ops/ split still are, from the same modules."""
+    from seg4diff_fast.ops import capture_spec, maps
+    from seg4diff_fast.ops.joint_attention import (  # noqa: F401
+        HEAD_REDUCES,
+        MAX_SELECTED,
+        MODES,
+        joint_attention,
+        triton_available,
+    )
+    from seg4diff_fast.ops.reference import gather_cols, head_maps, reduce_heads
+    from seg4diff_fast.ops.torch_attention import torch_joint_attention as tja
+
+    assert tja is torch_joint_attention and CaptureSpec is capture_spec.CaptureSpec
+    assert (MODES, HEAD_REDUCES, MAX_SELECTED) == (capture_spec.MODES, capture_spec.HEAD_REDUCES, 512)
+    assert (gather_cols, head_maps, reduce_heads) == (maps.gather_cols, maps.head_maps, maps.reduce_heads)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("head_reduce", ["mean", "none"])
 def test_torch_backend_in_many_ragged_chunks(mode, head_reduce, monkeypatch, poison_outputs):
@@ -340,3 +400,44 @@ def test_autotune_pruning_keeps_a_config_for_every_dtype_and_head_size(monkeypat
                     assert max(tiles) <= 128 * 64
                 else:
                     assert len(kept) == len(configs)
+
+
+def _ops_import_graph() -> dict[str, set[str]]:
+    """ops/'s modules → the ops/ modules each imports, at module level or lazily inside functions."""
+    import ast
+    import pathlib
+
+    import seg4diff_fast.ops as ops_pkg
+
+    root = pathlib.Path(ops_pkg.__file__).parent
+    mods = {p.stem for p in root.glob("*.py")}
+    edges = {m: set() for m in mods}
+    for m in mods:
+        for node in ast.walk(ast.parse((root / f"{m}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import ... / from . import x
+                names = [node.module.split(".")[0]] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("seg4diff_fast.ops."):
+                names = [node.module.split(".")[2]]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[2] for a in node.names if a.name.startswith("seg4diff_fast.ops.")]
+            else:
+                continue
+            edges[m] |= {n for n in names if n in mods and n != m}
+    return edges
+
+
+def test_ops_import_graph_is_acyclic():
+    edges = _ops_import_graph()
+    assert edges["capture_spec"] == set() and edges["backends"] == set()
+    assert "joint_attention" not in edges["reference"] | edges["torch_attention"]
+    done: set[str] = set()
+
+    def visit(m, path):
+        assert m not in path, "import cycle in seg4diff_fast/ops: " + " -> ".join([*path, m])
+        if m not in done:
+            for n in sorted(edges[m]):
+                visit(n, [*path, m])
+            done.add(m)
+
+    for m in sorted(edges):
+        visit(m, [])

@@ -8,48 +8,51 @@ This module owns the public contract: argument checking, normalisation of the ca
 - ``"torch"``   torch's own SDPA kernel with its logsumexp, plus a recompute of the selected columns
   (``torch_attention.py``); memory-lean on any device;
 - ``"reference"`` materialises the full softmax (``reference.py``); for tests and benchmarks only.
+
+They sit in :data:`BACKEND_REGISTRY` (name → function, see ``backends.py``), which ``joint_attention``
+dispatches through; each takes ``(q, k, v, spec, scale, deterministic=...)``. The capture vocabulary
+(:class:`CaptureSpec`, ``MODES``, ``HEAD_REDUCES``, ``MAX_SELECTED``) lives in ``capture_spec.py`` and the
+backend choice (``resolve_backend``, ``triton_available``) in ``backends.py``; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 
-MODES = ("probs", "logits", "sel_probs")
-HEAD_REDUCES = ("mean", "max", "none")
-BACKENDS = ("triton", "torch", "reference")
-MAX_SELECTED = 512
+from .backends import BackendRegistry, resolve_backend, triton_available
+from .capture_spec import HEAD_REDUCES, MAX_SELECTED, MODES, CaptureSpec
+from .reference import reference_joint_attention
+from .torch_attention import torch_joint_attention
+
+__all__ = [
+    "BACKENDS",
+    "BACKEND_REGISTRY",
+    "HEAD_REDUCES",
+    "MAX_SELECTED",
+    "MODES",
+    "CaptureSpec",
+    "joint_attention",
+    "make_capture_spec",
+    "resolve_backend",
+    "triton_available",
+]
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+BACKEND_REGISTRY = BackendRegistry("joint_attention")
 
-@dataclass(frozen=True)
-class CaptureSpec:
-    """A validated capture request.
 
-    ``cols`` is (B, n_sel) int64 on the tensors' device, -1 marking padding; ``rows`` is the half-open
-    query-row range [r0, r1) whose maps are returned.
-    """
+@BACKEND_REGISTRY.register("triton")
+def _triton_backend(q, k, v, spec: CaptureSpec | None, scale: float, deterministic: bool = False):
+    """Backend "triton": the fused kernels, imported on first use (triton is optional)."""
+    from ..kernels.joint_attention import triton_joint_attention
 
-    cols: torch.Tensor
-    r0: int
-    r1: int
-    mode: str
-    head_reduce: str
+    return triton_joint_attention(q, k, v, spec, scale, deterministic=deterministic)
 
-    @property
-    def n_rows(self) -> int:
-        return self.r1 - self.r0
 
-    @property
-    def n_sel(self) -> int:
-        return self.cols.shape[1]
-
-    def maps_shape(self, batch: int, heads: int) -> tuple[int, ...]:
-        if self.head_reduce == "none":
-            return (batch, heads, self.n_rows, self.n_sel)
-        return (batch, self.n_rows, self.n_sel)
+BACKEND_REGISTRY.register("torch")(torch_joint_attention)
+BACKEND_REGISTRY.register("reference")(reference_joint_attention)
+BACKENDS = BACKEND_REGISTRY.names()  # ("triton", "torch", "reference")
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -118,39 +121,6 @@ def make_capture_spec(
     return CaptureSpec(cols=cols, r0=r0, r1=r1, mode=mode, head_reduce=head_reduce)
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend that will run: the argument, else ``SEG4DIFF_BACKEND``, else the best available."""
-    requested = backend or os.environ.get("SEG4DIFF_BACKEND") or None
-    if requested is None:
-        if device.type == "cuda" and triton_available():
-            return "triton"
-        return "torch"
-    if requested not in BACKENDS:
-        raise ValueError(f"joint_attention: backend={requested!r} is not one of {BACKENDS} (or None for auto)")
-    if requested == "triton":
-        if not triton_available():
-            raise RuntimeError("joint_attention: backend 'triton' needs the triton package: pip install triton")
-        if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
-            raise RuntimeError(
-                f"joint_attention: backend 'triton' runs on CUDA tensors (got {device.type}); set "
-                "TRITON_INTERPRET=1 before importing seg4diff_fast to run it on the CPU interpreter, "
-                "or use backend='torch'"
-            )
-    return requested
-
-
 def joint_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -203,15 +173,5 @@ def joint_attention(
     batch, heads, seq_len, head_dim = q.shape
     spec = make_capture_spec(capture_cols, capture_rows, mode, head_reduce, batch, seq_len, q.device)
     scale = float(head_dim**-0.5 if scale is None else scale)
-    chosen = resolve_backend(backend, q.device)
-    if chosen == "triton":
-        from ..kernels.joint_attention import triton_joint_attention
-
-        return triton_joint_attention(q, k, v, spec, scale, deterministic=deterministic)
-    if chosen == "torch":
-        from .torch_attention import torch_joint_attention
-
-        return torch_joint_attention(q, k, v, spec, scale)
-    from .reference import reference_joint_attention
-
-    return reference_joint_attention(q, k, v, spec, scale)
+    chosen = BACKEND_REGISTRY.resolve(backend, q.device)
+    return BACKEND_REGISTRY[chosen](q, k, v, spec, scale, deterministic=deterministic)

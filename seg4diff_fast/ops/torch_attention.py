@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .joint_attention import CaptureSpec
-from .reference import gather_cols, head_maps
+from .capture_spec import CaptureSpec
+from .maps import gather_cols, head_maps
 
 MIN_CHUNK_BYTES = 1 << 20  # the chunked paths' float32 working blocks are about the size of q, at least this
 CAPTURE_ROWS = 1024  # captured rows per score block in the forward
@@ -185,7 +185,8 @@ class TorchJointAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def torch_joint_attention(q, k, v, spec: CaptureSpec | None, scale: float):
+def torch_joint_attention(q, k, v, spec: CaptureSpec | None, scale: float, deterministic: bool = False):
+    """Backend "torch". ``deterministic`` is accepted for the backends' common signature (always so)."""
     if spec is None:
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
         return out, None

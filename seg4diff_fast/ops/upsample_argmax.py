@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .joint_attention import resolve_backend, triton_available
+from .backends import resolve_backend, triton_available
 
 __all__ = ["upsample_argmax", "has_cpp_extension", "CHUNK_BYTES"]
 
@@ -92,7 +92,7 @@ def upsample_argmax(
     if backend == "cpp" or (backend is None and on_cpu and _C is not None):
         return _C.upsample_argmax(x.contiguous(), out_h, out_w)
     if backend == "triton" or (backend is None and x.device.type == "cuda" and triton_available()):
-        resolve_backend("triton", x.device)  # raises with the reason if Triton cannot run here
+        resolve_backend("triton", x.device, op="upsample_argmax")  # raises with the reason if Triton cannot run here
         from ..kernels.upsample_argmax import triton_upsample_argmax
 
         return triton_upsample_argmax(x, (out_h, out_w))
