@@ -34,7 +34,9 @@ def peak_memory(fn: Callable[[], T], device: torch.device | str = "cpu") -> tupl
       of ``profiler.kineto_results`` (their ``nbytes`` is +size at allocation and -size at free) are
       summed in time order and the running maximum is the peak. The profiler cannot see frees of
       blocks allocated before it started (torch warns "Memory block of unknown size..."), so when
-      ``fn`` frees older tensors the CPU figure is an upper bound (CUDA's counts the room they make).
+      ``fn`` frees older tensors the CPU figure is an upper bound (CUDA's counts the room they make); the
+      running level is clamped at the start level so that holds even when an earlier profiler session
+      recorded the older block's size.
       Profiling adds some run time, so time ``fn`` separately. The first CPU call sets
       ``KINETO_LOG_LEVEL=6`` (unless set) to keep the profiler from printing to stderr.
 
@@ -97,6 +99,10 @@ def _peak_cpu(fn: Callable[[], T]) -> tuple[T, int]:
         result = fn()
     level = peak = 0
     for _, nbytes in _memory_records(prof):
-        level += nbytes
+        # Frees of blocks allocated before the profiler started are dropped by torch, unless an earlier profiler
+        # session in this process saw that block allocated: then they arrive with their size and would take the
+        # level below the start. Clamping at the start level keeps the figure the documented upper bound
+        # either way (the room such frees make is not counted), whatever ran before in the process.
+        level = max(0, level + nbytes)
         peak = max(peak, level)
     return result, peak
