@@ -229,18 +229,17 @@ class PipelineReader:
     # reading
     @contextlib.contextmanager
     def capturing(self, layers: Sequence[int], *, mode: str = "probs", head_reduce: str = "mean",
-                  tokens: Sequence[int] | None = None, stop: bool = False,
+                  tokens: Sequence[int] | None = None, stop_after: int | None = None,
                   measure_mass: bool = False) -> Iterator[FastCapture]:
         """Fast capture on the transformer for the duration of the block (refused if one is active).
 
-        ``tokens`` None: the family's default text positions (SD3: the 77 CLIP ones); ``stop``: end each
-        forward after the last of ``layers`` (calls must run under :func:`~seg4diff_fast.capture.early_exit`,
-        as :meth:`read` does)."""
+        ``tokens`` None: the family's default text positions (SD3: the 77 CLIP ones); ``stop_after``: end each
+        forward after that block (calls must run under :func:`~seg4diff_fast.capture.early_exit`, as
+        :meth:`read` does); ``measure_mass``: record every block's attention mass (:meth:`block_mass`)."""
         tr = self.transformer
         if get_fast_capture(tr) is not None:
             raise RuntimeError("this pipeline already has fast capture enabled; call disable_fast_capture(pipe) "
                                "first")
-        stop_after = max(layers) if stop and layers else None
         cap = enable_fast_capture(tr, layers=list(layers), tokens=tokens, mode=mode, head_reduce=head_reduce,
                                   cfg=False, backend=self.backend, stop_after=stop_after, measure_mass=measure_mass)
         try:
@@ -272,7 +271,7 @@ class PipelineReader:
         layers_t = self.check_layers(self.defaults.layer if layers is None else layers)
         tokens = range(text.length) if all_text else None
         with self.capturing(layers_t, mode=mode, head_reduce=head_reduce, tokens=tokens,
-                            stop=self.early_exit) as cap:
+                            stop_after=max(layers_t) if self.early_exit else None) as cap:
             with torch.set_grad_enabled(grad), early_exit():
                 self.forward(self.transformer, latents, text, self._timesteps(latents))
             return cap.maps
@@ -297,16 +296,7 @@ class PipelineReader:
         """``{block: (H, 2) float64}`` ``[I2T, T2T]`` text-key mass of every block (summed over the batch),
         from one forward that stops after the last block's attention
         (``enable_fast_capture(measure_mass=True)``)."""
-        last = self.num_layers - 1
-        tr = self.transformer
-        if get_fast_capture(tr) is not None:
-            raise RuntimeError("this pipeline already has fast capture enabled; call disable_fast_capture(pipe) "
-                               "first")
-        cap = enable_fast_capture(tr, layers=[], cfg=False, backend=self.backend, stop_after=last,
-                                  measure_mass=True)
-        try:
+        with self.capturing([], stop_after=self.num_layers - 1, measure_mass=True) as cap:
             with torch.no_grad(), early_exit():
-                self.forward(tr, latents, text, self._timesteps(latents))
+                self.forward(self.transformer, latents, text, self._timesteps(latents))
             return cap.block_mass
-        finally:
-            disable_fast_capture(tr)
