@@ -174,10 +174,11 @@ def evaluate(
             out = segmenter.unsupervised([g[1] for g in group], per_layer=sweep, layers=layer_list, **extra)
             for (_, _, gt), res in zip(group, out):
                 per = res if sweep else {layer_list: res}
+                if paper_unsup:  # scored at the mapper's resized size, whatever size label_map has
+                    working = gt.shape if short_side is None else short_side_size(*gt.shape, short_side)
+                    g = resize_labels(gt, working)  # once per image, not once per swept layer
                 for key, r in per.items():
-                    if paper_unsup:  # scored at the mapper's resized size, whatever size label_map has
-                        working = gt.shape if short_side is None else short_side_size(*gt.shape, short_side)
-                        g = resize_labels(gt, working)
+                    if paper_unsup:
                         metrics[key].update(paper_unsupervised_labels(r.segments, working, gt.shape), g)
                     else:
                         g = resize_labels(gt, r.label_map.shape)
