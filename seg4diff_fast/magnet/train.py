@@ -14,6 +14,7 @@ sampler yields ``(index, position)`` so each sample's crop and flip come from ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -119,9 +120,13 @@ def train_magnet(
     cfg = config or MagnetConfig()
     if isinstance(dataset, str):
         dataset = open_magnet_data(dataset, protocol=cfg.protocol)
-    # the paper protocol reads the source through PaperView (which refuses a source it cannot train on)
-    n_samples = len(PreparedData(dataset, 1, protocol=cfg.protocol, seed=cfg.seed))
-    if n_samples == 0:
+    source = dataset
+    if cfg.paper:  # the paper protocol reads the source through PaperView (which refuses one it cannot train on)
+        from .data import PaperView
+
+        dataset = dataset if isinstance(dataset, PaperView) else PaperView(dataset)
+        source = dataset.source
+    if len(dataset) == 0:
         raise ValueError("the MAGNET dataset is empty")
     os.makedirs(output_dir, exist_ok=True)
     ckpt_path = os.path.join(output_dir, CHECKPOINT_FILE)
@@ -143,7 +148,7 @@ def train_magnet(
 
     defaults = resolve_defaults(pipe)
     reader = PipelineReader(pipe, defaults=defaults, text_length=cfg.t5_length, backend=cfg.backend,
-                            resolution=cfg.resolution or int(getattr(dataset, "size", None) or defaults.resolution))
+                            resolution=cfg.resolution or int(getattr(source, "size", None) or defaults.resolution))
     tr = reader.transformer
     (layer,) = reader.check_layers(defaults.layer if cfg.layer is None else cfg.layer, "MAGNET")
     t5_length = reader.text_length
@@ -184,9 +189,10 @@ def train_magnet(
         start = int(state["step"])
     model, opt = acc.prepare(tr, opt)
     head_model = acc.prepare(head) if head is not None else None
-    capture = reader.capturing([layer], tokens=range(reader.family.capture_tokens(pipe)), mode="logits",
-                               head_reduce="none" if cfg.head_reduce == "none" else "mean")
-    cap = capture.__enter__()
+    capturing = contextlib.ExitStack()  # closed in the loop's finally
+    cap = capturing.enter_context(reader.capturing(
+        [layer], tokens=range(reader.family.capture_tokens(pipe)), mode="logits",
+        head_reduce="none" if cfg.head_reduce == "none" else "mean"))
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
     data = PreparedData(dataset, resolution, protocol=cfg.protocol, seed=cfg.seed)
@@ -290,7 +296,7 @@ def train_magnet(
             bar.close()
         raise
     finally:
-        capture.__exit__(None, None, None)
+        capturing.close()
         tr.eval()
     if bar is not None:
         bar.close()
