@@ -63,7 +63,7 @@ def build_pipeline(args):
         StableDiffusion3Pipeline,
     )
 
-    from seg4diff_fast.testing import _clip_text_encoder, tiny_clip_tokenizer
+    from seg4diff_fast.testing.tiny import _clip_text_encoder, tiny_clip_tokenizer
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(

@@ -5,8 +5,8 @@ The public API:
 - :func:`joint_attention`: attention over the joint [image; text] sequence that also returns the
   image→text maps, in one pass, never allocating anything of size N² (Triton on CUDA, torch anywhere).
 - :func:`enable_fast_capture` / :func:`disable_fast_capture` / :class:`FastCapture`: put every
-  attention layer of a diffusers SD3, SD3.5 or Flux pipeline on :func:`joint_attention` and capture maps
-  during generation.
+  attention layer of a diffusers SD3, SD3.5, Flux.1, Flux.2 or Qwen-Image pipeline on
+  :func:`joint_attention` and capture maps during generation.
 - :func:`upsample_argmax`: token-grid class maps → full-resolution labels without holding K×H×W.
 - :class:`Seg4DiffSegmenter`: images + class names → full-resolution label maps (zero-shot, and
   ``.unsupervised``), the paper's recipe with an early-exiting transformer pass.

@@ -75,8 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with --preset: the preset's)")
     p.add_argument("--resolution", type=int, help="input side (default: the model's; 1024 for SD3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=28, help="num_inference_steps (28)")
-    p.add_argument("--noise-step", type=int, default=8, help="t = timesteps[-noise_step] (8)")
+    p.add_argument("--steps", type=int, help="num_inference_steps (default: the model's; 28 for SD3, 50 for Flux.1)")
+    p.add_argument("--noise-step", type=int, help="t = timesteps[-noise_step] (default: the model's; 8)")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--pre-resize", type=int, default=None,
@@ -130,8 +130,9 @@ def _load(args: argparse.Namespace):
 def _settings(args: argparse.Namespace, segmenter, pre_resize: int | None) -> dict:
     return {
         "protocol": args.segmenter_protocol,
-        "resolution": segmenter.resolution, "seed": args.seed, "num_inference_steps": args.steps,
-        "noise_step": args.noise_step, "dtype": str(segmenter.transformer.dtype).replace("torch.", ""),
+        "resolution": segmenter.resolution, "seed": args.seed, "num_inference_steps": segmenter.num_inference_steps,
+        "noise_step": segmenter.noise_step, "family": segmenter.reader.family.name,
+        "dtype": str(segmenter.transformer.dtype).replace("torch.", ""),
         "pre_resize": pre_resize, "timestep": segmenter.timestep,
         "t5": f"{segmenter.t5_length} zero positions", "lora": args.lora,
     }
@@ -210,6 +211,9 @@ def _run_preset(args: argparse.Namespace) -> int:
     pre_resize = preset.pre_resize if args.pre_resize is None else (args.pre_resize or None)
     try:
         _, reader = _load(args)
+        if reader.family.name != preset.family:
+            return _fail(f"--preset {preset.name} reads a {preset.family} pipeline (the paper's model: "
+                         f"{preset.model}); --model {args.model} is a {reader.family.name} pipeline")
         layers = list(reader.check_layers(args.layers or list(preset.layers), "--layers"))
         segmenter = _segmenter(reader, layers, pre_resize, args.batch_size, args.segmenter_protocol)
     except (FileNotFoundError, ValueError, TypeError, ModelNotAvailableError, OSError) as e:
@@ -219,8 +223,8 @@ def _run_preset(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, threshold=args.threshold, power=args.power)
     overrides = {name: value for name, value, paper in (
         ("layers", layers, list(preset.layers)), ("pre_resize", pre_resize, preset.pre_resize),
-        ("resolution", segmenter.resolution, preset.resolution), ("steps", args.steps, preset.steps),
-        ("noise_step", args.noise_step, preset.noise_step), ("limit", args.limit, None),
+        ("resolution", segmenter.resolution, preset.resolution), ("steps", segmenter.num_inference_steps, preset.steps),
+        ("noise_step", segmenter.noise_step, preset.noise_step), ("limit", args.limit, None),
         ("threshold", args.threshold, None), ("power", args.power, None),
         ("protocol", args.segmenter_protocol, "paper")) if value != paper}
     report.update(model=args.model, paper_model=preset.model, layers=layers, root=args.root,

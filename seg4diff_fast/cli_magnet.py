@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     proto.add_argument("--corrected", dest="protocol", action="store_const", const="corrected",
                        help="this package's choices where it departs from the authors' code "
                             "(docs/PAPER_PROTOCOL_MAGNET.md)")
-    p.set_defaults(protocol="paper")
+    p.set_defaults(protocol=None)  # the model's: paper for SD3 (the family the authors trained), else corrected
     p.add_argument("--out", help="output folder")
     p.add_argument("--model", help="local diffusers folder or hub id (default: the embedded ShapesWorld pipeline)")
     p.add_argument("--layer", type=int, help="expert layer (default: the model's; 9 for SD3)")
@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     from .models import ModelNotAvailableError, quiet_loading
 
     try:  # cheap checks before the model loads
+        if args.protocol is None:
+            from .reader import model_family
+            from .shapes.shipped import resolve_model
+
+            args.protocol = "paper" if model_family(resolve_model(args.model)).authors_magnet else "corrected"
         cfg = MagnetConfig(
             protocol=args.protocol, layer=args.layer, rank=args.rank, alpha=args.alpha, lambda_focal=args.lambda_focal,
             lambda_dice=args.lambda_dice, head_reduce=args.head_reduce, conv_head=not args.no_conv_head,

@@ -67,6 +67,33 @@ def test_unsupported_models_raise_type_error():
             disable_fast_capture(obj)
 
 
+def test_capture_family_registry_and_names(sd3, flux):
+    from types import SimpleNamespace
+
+    from seg4diff_fast.capture import CAPTURE_FAMILIES, SUPPORTED, capture_family, count_layers
+    from seg4diff_fast.capture.patch import _resolve
+
+    assert list(CAPTURE_FAMILIES) == ["sd3", "flux", "flux2", "qwenimage"]
+    assert capture_family(sd3) == capture_family(sd3.transformer) == "sd3"
+    assert capture_family(flux) == capture_family(flux.transformer) == "flux"
+    assert (count_layers(sd3), count_layers(flux)) == (3, 4)
+    for family in CAPTURE_FAMILIES.values():  # every family is named in SUPPORTED and the enable docs
+        assert family.description in SUPPORTED
+    for words in ("Flux.2", "Flux2KleinPipeline", "Qwen-Image", "QwenImagePipeline"):
+        assert words in enable_fast_capture.__doc__ and words in SUPPORTED, words
+    assert CAPTURE_FAMILIES["qwenimage"].kwargs_arg == "attention_kwargs"
+    assert {f.kwargs_arg for n, f in CAPTURE_FAMILIES.items() if n != "qwenimage"} == {"joint_attention_kwargs"}
+    cap = enable_fast_capture(flux, layers=[0])
+    assert cap.family == "flux" and isinstance(cap.family, str)
+    disable_fast_capture(flux)
+    for obj in (object(), SimpleNamespace(transformer=torch.nn.Linear(2, 2))):
+        with pytest.raises(TypeError, match="Qwen-Image"):
+            capture_family(obj)
+    with pytest.raises(ValueError, match="twice"):
+        CAPTURE_FAMILIES.register(CAPTURE_FAMILIES["sd3"])
+    assert _resolve(sd3)[0] is CAPTURE_FAMILIES["sd3"]
+
+
 def test_layer_out_of_range_and_bad_arguments(sd3, flux):
     with pytest.raises(ValueError, match=r"valid layers are 0\.\.2"):
         enable_fast_capture(sd3, layers=[3])

@@ -28,7 +28,7 @@ from seg4diff_fast import MeanIoU, Seg4DiffSegmenter, cli
 from seg4diff_fast.evaluation import DATASETS, load_classnames
 from seg4diff_fast.evaluation.presets import PRESETS
 from seg4diff_fast.models import load_pipeline
-from seg4diff_fast.testing import tiny_sd3_pipeline
+from seg4diff_fast.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 
 LAYER, RES = 1, 32
 
@@ -173,8 +173,8 @@ def test_flux_and_magnet_presets(model_dir, tree, tmp_path, capsys):
     root, truth = tree
     out = str(tmp_path / "flux")
     assert _run(["--preset", "ovss-flux", "--root", root, "--model", model_dir, "--out", out]) == 2
-    err = capsys.readouterr().err
-    assert "'flux' model family" in err and "ModelFamily" in err and "No dataset was run" in err
+    err = capsys.readouterr().err  # the preset's family must be the model's
+    assert "reads a flux pipeline" in err and "is a sd3 pipeline" in err
     assert not os.path.exists(out)
     assert _run(["--preset", "ovss-magnet-coco", "--root", root, "--model", model_dir, "--out", out]) == 2
     assert "--lora" in capsys.readouterr().err
@@ -269,3 +269,18 @@ def test_run_preset_reports_a_failed_dataset_and_runs_the_rest(tree):
     assert "failed: ade150: RuntimeError: CUDA out of memory (simulated)" in text
     assert text.splitlines()[-1].startswith("ovss-sd3: 4/5 datasets ran (protocol: paper)")
     assert text.splitlines()[-1].endswith("failed: ade150")
+
+
+def test_flux_preset_runs_the_authors_flux_path(tree, tmp_path):
+    """ovss-flux on a Flux pipeline: the reader's Flux defaults are the preset's (50 steps), nothing overridden
+    but what the command line changed."""
+    root, _ = tree
+    path = str(tmp_path / "flux")
+    tiny_flux_pipeline().save_pretrained(path)
+    out = str(tmp_path / "out")
+    assert _run(["--preset", "ovss-flux", "--root", root, "--model", path, "--layers", "1", "--limit", "1",
+                 "--out", out]) == 0
+    report = json.load(open(os.path.join(out, "ovss-flux.json")))
+    assert report["settings"]["family"] == "flux" and report["settings"]["num_inference_steps"] == 50
+    assert set(report["overrides"]) <= {"layers", "limit", "resolution", "pre_resize"}
+    assert "voc20" in report["ok"] and not report["failed"]

@@ -575,7 +575,7 @@ def test_cli_protocol_flags(monkeypatch, tmp_path, capsys):
 
     p = argparse.ArgumentParser()
     cli_magnet.add_arguments(p)
-    assert p.parse_args(["--data", "shapes"]).protocol == "paper"
+    assert p.parse_args(["--data", "shapes"]).protocol is None  # the model's: paper for SD3, else corrected
     assert p.parse_args(["--corrected"]).protocol == "corrected" and p.parse_args(["--paper"]).protocol == "paper"
     with pytest.raises(SystemExit):
         p.parse_args(["--paper", "--corrected"])

@@ -6,6 +6,9 @@ Double-stream blocks get image ``hidden_states`` and text ``encoder_hidden_state
 ``encoder_hidden_states``, so their text length comes from the call (the pre-hook reads it from the
 transformer's inputs). RoPE is applied to q and k before attention with diffusers' own
 ``apply_rotary_emb``; projections and RMS norms are the module's own submodules (LoRA/peft safe).
+Layers count the double-stream blocks first, then the single-stream ones; Kontext conditioning tokens
+follow the image (another frame id in ``img_ids``) and are never captured. :func:`fused_attention`, the
+attention core on the fused op, is shared with Flux.2 (:mod:`.flux2`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,53 @@ def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch
         ck = attn.add_k_proj(encoder_hidden_states)
         cv = attn.add_v_proj(encoder_hidden_states)
     return q, k, v, cq, ck, cv
+
+
+def fused_attention(proc, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: CallInfo | None,
+                    n_txt: int | None, attention_mask: torch.Tensor | None = None, family: str = "Flux"):
+    """The attention core of the ``[text; image ...]`` processors (Flux, Flux.2) on (B, N, H, D) q, k, v
+    after RoPE: the fused op (recording maps / text mass when the processor's layer asks), or diffusers'
+    dispatcher for calls with an ``attention_mask`` or under context parallelism. Returns (B, N, H, D).
+
+    ``proc`` is the processor (``capture``, ``slot``, ``layer``, ``_attention_backend``,
+    ``_parallel_config``); ``n_txt`` the text length this module sees (None: single-stream blocks, whose
+    text length is the call's).
+    """
+    capture = proc.capture
+    capturing = info is not None and proc.slot is not None and capture is not None
+    if attention_mask is not None or proc._parallel_config is not None:
+        if capturing:
+            raise NotImplementedError(
+                f"fast capture: {family} calls with an attention_mask or context parallelism cannot capture maps"
+            )
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=proc._attention_backend,
+                                     parallel_config=proc._parallel_config)
+    backend = capture.backend if capture is not None else None
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
+    measuring = info is not None and capture is not None and capture.measure_mass
+    out = None
+    if capturing or measuring:
+        n_txt = info.n_txt if n_txt is None else n_txt
+        if n_txt != info.n_txt or n_txt + info.n_img > q.shape[1]:
+            raise RuntimeError(
+                f"fast capture: block {proc.layer} sees {q.shape[1]} tokens ({n_txt} text) but the call "
+                f"has {info.n_txt} text tokens and an image grid {info.grid}"
+            )
+    if measuring:
+        out, part = attention_with_text_mass(qh, kh, vh, info, backend)
+        capture.record_mass(proc.layer, part, info)
+    if capturing:
+        o, maps = joint_attention(
+            qh, kh, vh, capture_cols=info.cols(q.device), capture_rows=info.rows,
+            mode=capture.mode, head_reduce=capture.head_reduce, backend=backend,
+        )
+        out = o if out is None else out
+        capture.record(proc.slot, maps, info)
+    if out is None:
+        out, _ = joint_attention(qh, kh, vh, backend=backend)
+    return out.transpose(1, 2)  # (B, N, H, D)
 
 
 class FastFluxAttnProcessor:
@@ -77,43 +127,8 @@ class FastFluxAttnProcessor:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
 
-        capture = self.capture
-        info = seg4diff_call
-        capturing = info is not None and self.slot is not None and capture is not None
-        if attention_mask is not None or self._parallel_config is not None:
-            if capturing:
-                raise NotImplementedError(
-                    "fast capture: Flux calls with an attention_mask or context parallelism cannot capture maps"
-                )
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-            out = dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=self._attention_backend,
-                                        parallel_config=self._parallel_config)
-        else:
-            backend = capture.backend if capture is not None else None
-            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
-            measuring = info is not None and capture is not None and capture.measure_mass
-            out = None
-            if capturing or measuring:
-                n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else info.n_txt
-                if n_txt != info.n_txt or n_txt + info.n_img > q.shape[1]:
-                    raise RuntimeError(
-                        f"fast capture: block {self.layer} sees {q.shape[1]} tokens ({n_txt} text) but the call "
-                        f"has {info.n_txt} text tokens and an image grid {info.grid}"
-                    )
-            if measuring:
-                out, part = attention_with_text_mass(qh, kh, vh, info, backend)
-                capture.record_mass(self.layer, part, info)
-            if capturing:
-                o, maps = joint_attention(
-                    qh, kh, vh, capture_cols=info.cols(q.device), capture_rows=info.rows,
-                    mode=capture.mode, head_reduce=capture.head_reduce, backend=backend,
-                )
-                out = o if out is None else out
-                capture.record(self.slot, maps, info)
-            if out is None:
-                out, _ = joint_attention(qh, kh, vh, backend=backend)
-            out = out.transpose(1, 2)  # (B, N, H, D)
+        n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
+        out = fused_attention(self, q, k, v, seg4diff_call, n_txt, attention_mask, "Flux")
         out = out.flatten(2, 3).to(q.dtype)
 
         if encoder_hidden_states is None:
@@ -132,8 +147,9 @@ class FastFluxAttnProcessor:
 _last_grid: list = [None, -1, None]  # weakref to the last img_ids tensor, its version, its grid
 
 
-def _image_grid(img_ids: torch.Tensor) -> tuple[int, int]:
-    """(h, w) of the generated image's tokens from Flux's ``img_ids`` (rows: (frame, y, x)).
+def _image_grid(img_ids: torch.Tensor, family: str = "Flux") -> tuple[int, int]:
+    """(h, w) of the generated image's tokens from Flux's ``img_ids`` (rows: (frame, y, x); Flux.2's
+    (t, h, w, l) read the same way).
 
     The generated image is the leading block of ids sharing the first id's frame coordinate (Kontext-
     style pipelines append conditioning images with another frame id). The last answer is kept for the
@@ -149,7 +165,7 @@ def _image_grid(img_ids: torch.Tensor) -> tuple[int, int]:
     h = int(ys.max() - ys.min()) + 1
     w = int(xs.max() - xs.min()) + 1
     if h * w != n:
-        raise ValueError(f"fast capture: Flux img_ids of {n} generated-image tokens do not form an {h}x{w} grid")
+        raise ValueError(f"fast capture: {family} img_ids of {n} generated-image tokens do not form an {h}x{w} grid")
     _last_grid[:] = [weakref.ref(img_ids), img_ids._version, (h, w)]
     return (h, w)
 

@@ -1,13 +1,18 @@
-"""``enable_fast_capture`` / ``disable_fast_capture``: family detection and the patch itself.
+"""``enable_fast_capture`` / ``disable_fast_capture``: family lookup and the patch itself.
 
-Enabling does three things to the transformer, and disabling undoes them:
+The transformer's family comes from the registry :data:`~seg4diff_fast.capture.families.CAPTURE_FAMILIES`
+(one :class:`~seg4diff_fast.capture.families.CaptureFamily` adapter per family: SD3 / SD3.5, Flux, Flux.2,
+Qwen-Image); nothing here branches on the family. Enabling does three things to the transformer, and
+disabling undoes them:
 
-1. every attention module gets its own fast processor (``set_attn_processor``), the stock ones are kept;
+1. every attention module gets its own fast processor (the family's ``make_processor``), the stock ones are
+   kept;
 2. a forward pre-hook makes one :class:`~seg4diff_fast.capture.state.CallInfo` per forward call (step
-   count, CFG half, image grid from the actual latent size, text length) and hands it to the processors
-   inside a copy of ``joint_attention_kwargs``;
-3. where the transformer has ``cache_context`` (Flux), it is wrapped so that true-CFG negative calls
-   (``"uncond"``) are recognised and neither counted nor captured.
+   count, CFG half, image grid and text length from the call's arguments, through the family's
+   ``call_geometry``) and hands it to the processors inside a copy of the family's processor-kwargs
+   argument (``joint_attention_kwargs``; ``attention_kwargs`` for Qwen-Image);
+3. where the transformer has ``cache_context`` (Flux, Flux.2, Qwen-Image), it is wrapped so that true-CFG
+   negative calls (``"uncond"``) are recognised and neither counted nor captured.
 """
 
 from __future__ import annotations
@@ -21,77 +26,57 @@ from typing import Any
 import torch
 
 from ..ops.joint_attention import HEAD_REDUCES, MODES
-from .flux import FastFluxAttnProcessor, flux_call_geometry
-from .sd3 import FastJointAttnProcessor, sd3_call_geometry
+from .families import CAPTURE_FAMILIES, AttentionSite, CaptureFamily
 from .state import FastCapture
 
 _ATTR = "_seg4diff_fast_capture"
-SUPPORTED = (
-    "Stable Diffusion 3 / 3.5 (StableDiffusion3Pipeline, StableDiffusion3Img2ImgPipeline, "
-    "StableDiffusion3InpaintPipeline, SD3Transformer2DModel) and Flux (FluxPipeline and its img2img/inpaint "
-    "variants, FluxTransformer2DModel)"
-)
+#: The supported pipelines and transformers (the registered families at import time).
+SUPPORTED = CAPTURE_FAMILIES.supported()
 
 
-def _family_of_transformer(model: Any) -> str | None:
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    if isinstance(model, SD3Transformer2DModel):
-        return "sd3"
-    if isinstance(model, FluxTransformer2DModel):
-        return "flux"
-    return None
-
-
-def _resolve(obj: Any) -> tuple[str, Any, torch.nn.Module]:
+def _resolve(obj: Any) -> tuple[CaptureFamily, Any, torch.nn.Module]:
     """(family, pipeline or None, transformer) of a pipeline or bare transformer; TypeError otherwise."""
-    family = _family_of_transformer(obj)
+    family = CAPTURE_FAMILIES.of(obj)
     if family is not None:
         return family, None, obj
     transformer = getattr(obj, "transformer", None)
-    family = _family_of_transformer(transformer)
+    family = CAPTURE_FAMILIES.of(transformer)
     if family is None or "PAG" in type(obj).__name__:
-        raise TypeError(f"fast capture supports {SUPPORTED}; got {type(obj).__name__}")
+        raise TypeError(f"fast capture supports {CAPTURE_FAMILIES.supported()}; got {type(obj).__name__}")
     return family, obj, transformer
 
 
-def _attention_modules(family: str, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int]]:
-    """(processor key, attention module, layer number) of every attention module of the transformer."""
-    mods = []
-    if family == "sd3":
-        for i, block in enumerate(transformer.transformer_blocks):
-            mods.append((f"transformer_blocks.{i}.attn.processor", block.attn, i))
-            if getattr(block, "attn2", None) is not None:
-                mods.append((f"transformer_blocks.{i}.attn2.processor", block.attn2, i))
-    else:
-        n = len(transformer.transformer_blocks)
-        for i, block in enumerate(transformer.transformer_blocks):
-            mods.append((f"transformer_blocks.{i}.attn.processor", block.attn, i))
-        for j, block in enumerate(transformer.single_transformer_blocks):
-            mods.append((f"single_transformer_blocks.{j}.attn.processor", block.attn, n + j))
-    return mods
+def capture_family(pipe: Any) -> str:
+    """The name of the transformer family fast capture sees in a pipeline or bare transformer
+    (``"sd3"``, ``"flux"``, ``"flux2"``, ``"qwenimage"``; see :data:`~seg4diff_fast.capture.families.CAPTURE_FAMILIES`).
+
+    Raises:
+        TypeError: an unsupported pipeline or model.
+
+    Example:
+        >>> from seg4diff_fast.testing import tiny_flux_pipeline
+        >>> capture_family(tiny_flux_pipeline())
+        'flux'
+    """
+    return _resolve(pipe)[0].name
 
 
-def num_layers(family: str, transformer: torch.nn.Module) -> int:
-    if family == "sd3":
-        return len(transformer.transformer_blocks)
-    return len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+def _attention_modules(family: CaptureFamily, transformer: torch.nn.Module) -> list[AttentionSite]:
+    """Every attention module of the transformer (processor key, module, layer number, captures)."""
+    return family.sites(transformer)
+
+
+def num_layers(family: CaptureFamily | str, transformer: torch.nn.Module) -> int:
+    """Capturable blocks of ``transformer`` (``family``: its adapter or registered name)."""
+    family = CAPTURE_FAMILIES[family] if isinstance(family, str) else family
+    return family.num_layers(transformer)
 
 
 def count_layers(pipe: Any) -> int:
-    """Number of capturable blocks of a supported pipeline or transformer (Flux: double + single stream)."""
+    """Number of capturable blocks of a supported pipeline or transformer (Flux / Flux.2: double + single
+    stream)."""
     family, _, transformer = _resolve(pipe)
-    return num_layers(family, transformer)
-
-
-def _stock_processor_types(family: str) -> tuple[type, ...]:
-    if family == "sd3":
-        from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
-
-        return (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    return (FluxAttnProcessor,)
+    return family.num_layers(transformer)
 
 
 def _as_int(x: Any) -> Any:
@@ -113,7 +98,7 @@ def check_layers(pipe: Any, layers: Any, who: str = "") -> tuple[int, ...]:
         who: prefix of the error message (the caller's name).
 
     Raises:
-        ValueError: an index out of range (the message gives the valid range; Flux lists the
+        ValueError: an index out of range (the message gives the valid range; Flux and Flux.2 list the
             double- and single-stream ranges) or duplicates.
 
     Example:
@@ -122,17 +107,14 @@ def check_layers(pipe: Any, layers: Any, who: str = "") -> tuple[int, ...]:
         (2, 0)
     """
     family, _, transformer = _resolve(pipe)
-    n = num_layers(family, transformer)
+    n = family.num_layers(transformer)
     prefix = f"{who}: " if who else ""
     items = (layers,) if isinstance(_as_int(layers), int) and not isinstance(layers, bool) else tuple(layers)
     out = []
     for x in items:
         x = _as_int(x)
         if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < n:
-            extra = ""
-            if family == "flux":
-                nd = len(transformer.transformer_blocks)
-                extra = f" (double-stream 0..{nd - 1}, single-stream {nd}..{n - 1})"
+            extra = family.layer_ranges(transformer)
             raise ValueError(f"{prefix}layer {x!r} is out of range: this transformer has {n} blocks; valid layers "
                              f"are 0..{n - 1}{extra}")
         out.append(x)
@@ -159,14 +141,17 @@ def _check_args(family, transformer, layers, tokens, mode, head_reduce, steps):
 
 
 class _PreHook:
-    """The transformer's forward pre-hook: one CallInfo per captured call, into joint_attention_kwargs."""
+    """The transformer's forward pre-hook: one CallInfo per captured call, into the processor kwargs
+    (the family's ``kwargs_arg``: ``joint_attention_kwargs``, or ``attention_kwargs`` for Qwen-Image)."""
 
-    NAMES = ("hidden_states", "encoder_hidden_states", "img_ids", "joint_attention_kwargs", "skip_layers")
-
-    def __init__(self, capture: FastCapture, transformer: torch.nn.Module):
+    def __init__(self, capture: FastCapture, family: CaptureFamily, transformer: torch.nn.Module):
         self.capture = capture
+        self.family = family
         params = list(inspect.signature(type(transformer).forward).parameters)[1:]
-        self.position = {name: params.index(name) for name in self.NAMES if name in params}
+        self.position = {name: i for i, name in enumerate(params)}
+        self.kwargs_arg = family.kwargs_arg
+        if self.kwargs_arg not in self.position:
+            raise TypeError(f"fast capture: {type(transformer).__name__}.forward has no {self.kwargs_arg!r} argument")
 
     def _get(self, args, kwargs, name):
         if name in kwargs:
@@ -177,38 +162,40 @@ class _PreHook:
     def _cfg(self, batch: int) -> bool:
         cap = self.capture
         cfg = cap.cfg
-        if cfg is None:  # SD3 pipelines batch [uncond; cond] when do_classifier_free_guidance; Flux never does
-            cfg = cap.family == "sd3" and bool(getattr(cap.pipe, "do_classifier_free_guidance", False))
+        if cfg is None:  # SD3 pipelines batch [uncond; cond] when do_classifier_free_guidance; the others never do
+            cfg = self.family.batched_cfg(cap.pipe)
         return cfg and batch % 2 == 0
 
     def __call__(self, module, args, kwargs):
         cap = self.capture
+        family = self.family
+
+        def get(name):
+            return self._get(args, kwargs, name)
+
+        family.check_call(get)
         if not cap.enabled or not (cap.layers or cap.measure_mass):
             return None
-        if cap.family == "sd3" and self._get(args, kwargs, "skip_layers") is not None:
-            return None  # skip-layer guidance: an extra conditional call, not a denoising step of its own
+        if family.skip_call(get):
+            return None  # e.g. SD3 skip-layer guidance: an extra conditional call, not a denoising step
         if cap._context == "uncond":
-            return None  # Flux true-CFG negative prediction
+            return None  # true-CFG negative prediction (Flux, Flux.2 Klein, Qwen-Image)
         step = cap.step_count
         cap.step_count += 1
         if not cap.wants_step(step):
             return None
-        hidden = self._get(args, kwargs, "hidden_states")
-        context = self._get(args, kwargs, "encoder_hidden_states")
-        if cap.family == "sd3":
-            geometry = sd3_call_geometry(module, hidden, context)
-        else:
-            geometry = flux_call_geometry(module, hidden, context, self._get(args, kwargs, "img_ids"))
-        batch = hidden.shape[0]
+        geometry = family.call_geometry(module, get)
+        batch = get("hidden_states").shape[0]
         keep = slice(batch // 2, batch) if self._cfg(batch) else None
         info = cap.new_call(step, *geometry, keep=keep, batch=batch)
-        jak = dict(self._get(args, kwargs, "joint_attention_kwargs") or {})
-        jak["seg4diff_call"] = info
-        if "joint_attention_kwargs" in kwargs or len(args) <= self.position["joint_attention_kwargs"]:
-            kwargs["joint_attention_kwargs"] = jak
+        name = self.kwargs_arg
+        processor_kwargs = dict(get(name) or {})
+        processor_kwargs["seg4diff_call"] = info
+        if name in kwargs or len(args) <= self.position[name]:
+            kwargs[name] = processor_kwargs
         else:
             args = list(args)
-            args[self.position["joint_attention_kwargs"]] = jak
+            args[self.position[name]] = processor_kwargs
             args = tuple(args)
         return args, kwargs
 
@@ -284,24 +271,40 @@ def enable_fast_capture(
     stop_after: int | None = None,
     measure_mass: bool = False,
 ) -> FastCapture:
-    """Run every attention layer of an SD3 / SD3.5 / Flux transformer on the fused ``joint_attention``
-    op and capture image→text attention maps at ``layers`` during generation.
+    """Run every attention layer of an SD3 / SD3.5 / Flux / Flux.2 / Qwen-Image transformer on the fused
+    ``joint_attention`` op and capture image→text attention maps at ``layers`` during generation.
+
+    Supported (:data:`SUPPORTED`; :func:`capture_family` names a pipeline's family):
+
+    - ``"sd3"``: ``StableDiffusion3Pipeline`` and its img2img / inpaint variants, ``SD3Transformer2DModel``
+      (SD3, SD3.5); joint sequence ``[image; text]``;
+    - ``"flux"``: ``FluxPipeline`` and its img2img / inpaint variants, ``FluxTransformer2DModel``;
+      ``[text; image]``;
+    - ``"flux2"``: ``Flux2Pipeline``, ``Flux2KleinPipeline`` (and its inpaint variant),
+      ``Flux2Transformer2DModel``; ``[text; image (; reference images)]`` (KV-cache mode is refused);
+    - ``"qwenimage"``: ``QwenImagePipeline`` and its img2img / inpaint / edit variants,
+      ``QwenImageTransformer2DModel``; ``[text; image (; conditioning images)]``, padded text masked.
+
+    Only the generated image's tokens are captured (never edit pipelines' reference / conditioning images).
 
     Args:
-        pipe: a diffusers ``StableDiffusion3Pipeline`` (or its img2img / inpaint variants), a Flux
-            pipeline, or a bare ``SD3Transformer2DModel`` / ``FluxTransformer2DModel``.
-        layers: block indices that capture (0-based). Flux counts the double-stream blocks first
-            (0 … num_layers−1), then the single-stream blocks (num_layers + j). ``[]`` captures nothing
-            but still runs every layer on the fused op.
-        tokens: text positions to capture; None means all CLIP positions (T = 77) for SD3/SD3.5 and all
-            T5 positions for Flux. SD3 text positions are ``[77 CLIP; T5]``, so T5 piece j is 77 + j.
+        pipe: a supported diffusers pipeline or bare transformer (above).
+        layers: block indices that capture (0-based). Flux and Flux.2 count the double-stream blocks
+            first (0 … num_layers−1), then the single-stream blocks (num_layers + j). ``[]`` captures
+            nothing but still runs every layer on the fused op.
+        tokens: text positions to capture (at most 512 at once); None means all CLIP positions (T = 77)
+            for SD3/SD3.5 and every text position of the call for the others (Flux: T5; Flux.2: the chat-
+            templated text, padded to ``max_sequence_length``; Qwen-Image: the prompt after the dropped
+            template prefix). SD3 text positions are ``[77 CLIP; T5]``, so T5 piece j is 77 + j.
         mode: ``"probs"`` (softmax over all joint keys, the paper's maps), ``"logits"`` (raw scaled
             scores, MAGNET) or ``"sel_probs"`` (softmax over the captured columns only).
         head_reduce: ``"mean"``, ``"max"`` or ``"none"`` (keep a head axis).
         steps: denoising-call indices to capture (counted since enabling / ``reset``), None for all.
         keep_steps: keep every captured call's maps ((S, B, L, T, h, w)) instead of a running mean.
-        cfg: classifier-free-guidance rule for SD3 (None: from the pipeline at call time; True/False:
-            forced); see :class:`FastCapture`.
+        cfg: classifier-free-guidance rule for batched CFG (None: the family's rule at call time, i.e.
+            SD3 pipelines' ``do_classifier_free_guidance``; the other families call the transformer
+            separately for negative prompts, and those calls are never captured; True/False: forced);
+            see :class:`FastCapture`.
         backend: ``joint_attention`` backend (None: best available).
         stop_after: early exit: right after this block's attention has run (and recorded), the forward
             raises :class:`EarlyExit`, so nothing after it runs (not even that block's MLP). The caller
@@ -341,35 +344,33 @@ def enable_fast_capture(
     disable_fast_capture(transformer)  # enabling twice: one patch
 
     mods = _attention_modules(family, transformer)
-    stock = _stock_processor_types(family)
-    for key, module, _ in mods:
-        if not isinstance(module.processor, stock):
+    stock = family.stock_processor_types()
+    for site in mods:
+        if not isinstance(site.module.processor, stock):
+            reason = family.unsupported_reason(site.module.processor)
             raise TypeError(
-                f"fast capture replaces diffusers' stock attention processors; {key} is "
-                f"{type(module.processor).__name__} (IP-Adapter or a custom processor): remove it first"
+                f"fast capture replaces diffusers' stock attention processors; {site.key} is "
+                + (reason or f"{type(site.module.processor).__name__} (IP-Adapter or a custom processor): "
+                   "remove it first")
             )
-    saved = {key: module.processor for key, module, _ in mods}
+    saved = {site.key: site.module.processor for site in mods}
 
     capture = FastCapture(family, layers, tokens, mode, head_reduce, steps, keep_steps,
                           pipe=pipeline, transformer=transformer, cfg=cfg, backend=backend,
                           measure_mass=measure_mass)
+    prehook = _PreHook(capture, family, transformer)  # before anything is patched: it checks the forward
     slot_of = {layer: i for i, layer in enumerate(layers)}
-    cls = FastJointAttnProcessor if family == "sd3" else FastFluxAttnProcessor
     new = {}
-    for key, module, layer in mods:
-        capturing = layer in slot_of and not key.endswith("attn2.processor")
-        proc = cls(capture, slot_of[layer] if capturing else None, layer)
-        if family == "flux":
-            proc._attention_backend = getattr(module.processor, "_attention_backend", None)
-            proc._parallel_config = getattr(module.processor, "_parallel_config", None)
-        new[key] = proc
-    for key, module, _ in mods:
-        module.set_processor(new[key])
+    for site in mods:
+        slot = slot_of.get(site.layer) if site.captures else None
+        new[site.key] = family.make_processor(site, site.module.processor, capture, slot)
+    for site in mods:
+        site.module.set_processor(new[site.key])
 
-    hook = transformer.register_forward_pre_hook(_PreHook(capture, transformer), with_kwargs=True)
+    hook = transformer.register_forward_pre_hook(prehook, with_kwargs=True)
     stop = None
     if stop_after is not None:  # the attention module of that block (SD3.5's image-only attn2 is not it)
-        module = next(m for key, m, layer in mods if layer == stop_after and not key.endswith("attn2.processor"))
+        module = next(site.module for site in mods if site.layer == stop_after and site.captures)
         stop = module.register_forward_hook(_raise_early_exit)
     previous_cache_context = _wrap_cache_context(capture, transformer)
     capture._patch = {"saved": saved, "modules": mods, "hook": hook, "stop": stop,
@@ -389,8 +390,8 @@ def disable_fast_capture(pipe: Any) -> None:
     if capture is None:
         return
     patch = capture._patch
-    for key, module, _ in patch["modules"]:
-        module.set_processor(patch["saved"][key])
+    for site in patch["modules"]:
+        site.module.set_processor(patch["saved"][site.key])
     patch["hook"].remove()
     if patch["stop"] is not None:
         patch["stop"].remove()

@@ -1,9 +1,10 @@
 """The capture state: what one transformer call asks of the processors, and where their maps go.
 
 :class:`CallInfo` is made once per transformer forward call by the forward pre-hook and reaches every
-attention processor of that call through ``joint_attention_kwargs`` (diffusers hands that dict to each
-block, and gradient checkpointing keeps the very same object for the recompute in backward, which is
-how a layer knows it has already recorded this call).
+attention processor of that call through the processor kwargs (``joint_attention_kwargs``, or
+``attention_kwargs`` for Qwen-Image; diffusers hands that dict to each block, and gradient
+checkpointing keeps the very same object for the recompute in backward, which is how a layer knows it
+has already recorded this call).
 
 :class:`FastCapture` owns the maps: a running mean per captured layer on the maps' device (or, with
 ``keep_steps``, every captured call), the CFG half selection, ``word_maps`` with sub-word merging
@@ -18,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..ops.joint_attention import MAX_SELECTED
+
 _PUNCT = string.punctuation + "“”‘’«»"
 
 
@@ -29,8 +32,9 @@ class CallInfo:
         step: the denoising-call index it belongs to (counted transformer calls since ``reset``).
         grid: (h, w) of the image tokens.
         n_img, n_txt: image and text token counts of the joint sequence.
-        row0: first image row in the joint sequence (0 for SD3's [image; text], n_txt for Flux's [text; image]).
-        col0: joint index of text position 0 (n_img for SD3, 0 for Flux).
+        row0: first image row in the joint sequence (0 for SD3's [image; text], n_txt for the [text; image]
+            families: Flux, Flux.2, Qwen-Image).
+        col0: joint index of text position 0 (n_img for SD3, 0 for the others).
         positions: the text positions captured (length T).
         keep: batch slice kept (the conditional half under classifier-free guidance), or None for all.
         recorded: slots (captured-layer positions) that already recorded this call.
@@ -81,17 +85,19 @@ class FastCapture:
     - ``keep_steps=True``: (S, B, L, T, h, w), one entry per captured call, in call order;
     - ``head_reduce="none"`` adds a head axis after L: (B, L, H, T, h, w).
 
+    ``family`` is the transformer family's name (``"sd3"``, ``"flux"``, ``"flux2"``, ``"qwenimage"``).
+
     Step indices count the transformer's denoising calls since :meth:`reset` (or since enabling): with
     a pipeline that is the denoising step of the current generation as long as you ``reset()`` between
     generations (maps otherwise keep averaging over all of them). Calls that do not belong to the
     conditional prediction are not counted: SD3's skip-layer-guidance calls (``skip_layers`` given) and
-    Flux's true-CFG negative calls (``cache_context("uncond")``).
+    the true-CFG negative calls of Flux, Flux.2 klein and Qwen-Image (``cache_context("uncond")``).
 
     Classifier-free guidance rule (SD3/SD3.5, where diffusers batches ``[uncond; cond]``): with
     ``cfg=None`` (the default) a call is a CFG call when the capture is attached to a pipeline whose
     ``do_classifier_free_guidance`` is true at call time and the batch is even; then only the second
     (conditional) half is kept. ``cfg=True``/``False`` forces the rule (e.g. for a bare transformer that
-    you drive yourself with a doubled batch). Flux pipelines never double the batch.
+    you drive yourself with a doubled batch). Flux, Flux.2 and Qwen-Image pipelines never double the batch.
 
     Example:
         >>> import torch
@@ -109,11 +115,16 @@ class FastCapture:
         >>> disable_fast_capture(pipe)
     """
 
-    def __init__(self, family: str, layers: tuple[int, ...], tokens: tuple[int, ...] | None, mode: str,
+    def __init__(self, family: Any, layers: tuple[int, ...], tokens: tuple[int, ...] | None, mode: str,
                  head_reduce: str, steps: frozenset[int] | None, keep_steps: bool, pipe: Any = None,
                  transformer: torch.nn.Module | None = None, cfg: bool | None = None, backend: str | None = None,
                  measure_mass: bool = False):
-        self.family = family
+        if isinstance(family, str):  # a registered family's name
+            from .families import CAPTURE_FAMILIES
+
+            family = CAPTURE_FAMILIES[family]
+        self._family = family  # its CaptureFamily adapter
+        self.family: str = family.name
         self.layers = layers
         self.tokens = tokens
         self.mode = mode
@@ -162,7 +173,7 @@ class FastCapture:
     def new_call(self, step: int, grid: tuple[int, int], n_txt: int, row0: int, col0: int,
                  keep: slice | None, batch: int) -> CallInfo:
         """Called by the pre-hook for a call that captures (before any block runs)."""
-        self._text_len = min(77, n_txt) if self.family == "sd3" else n_txt
+        self._text_len = self._family.text_length(n_txt)
         if self.tokens is None:
             positions = tuple(range(self._text_len))
         else:
@@ -172,6 +183,11 @@ class FastCapture:
                     f"enable_fast_capture: tokens {bad} are outside this call's {n_txt} text positions"
                 )
             positions = self.tokens
+        if len(positions) > MAX_SELECTED:
+            raise ValueError(
+                f"enable_fast_capture: {len(positions)} text positions captured at once; at most {MAX_SELECTED} are "
+                f"supported: pass tokens=[...] (this call has {n_txt} text positions)"
+            )
         kept = len(range(batch)[keep]) if keep is not None else batch
         signature = (kept, len(positions), tuple(grid))
         if self._signature is None:
@@ -247,12 +263,12 @@ class FastCapture:
     # words
     def _default_tokenizer(self):
         pipe = self.pipe
-        name = "tokenizer" if self.family == "sd3" else "tokenizer_2"
+        name = self._family.tokenizer_attr
         tok = getattr(pipe, name, None) if pipe is not None else None
         if tok is None:
             raise ValueError(
                 f"word_maps needs a tokenizer: this capture has no pipeline {name}; pass tokenizer=... "
-                f"({'the CLIP tokenizer' if self.family == 'sd3' else 'the T5 tokenizer'})"
+                f"({self._family.tokenizer_kind})"
             )
         return tok
 
@@ -261,7 +277,9 @@ class FastCapture:
         stripped; a repeated word collects all its occurrences).
 
         Positions are those of the captured text sequence: for SD3/SD3.5 the CLIP tokenizer's (BOS at
-        0, so the first word starts at 1); for Flux the T5 tokenizer's (no BOS, first word at 0).
+        0, so the first word starts at 1); for Flux the T5 tokenizer's (no BOS, first word at 0); for
+        Flux.2 klein the Qwen3 tokenizer's after the chat template's tokens before the prompt; for
+        Qwen-Image the Qwen2.5-VL tokenizer's with the dropped template prefix (first word at 0).
         A word made of several sub-word tokens gets all of them; pure punctuation tokens are dropped.
         """
         tok = tokenizer if tokenizer is not None else self._default_tokenizer()
@@ -269,10 +287,12 @@ class FastCapture:
         with_special = tok(prompt)["input_ids"]
         bos = getattr(tok, "bos_token_id", None)
         pos = 1 if (bos is not None and with_special[:1] == [bos]) else 0
+        pos += self._family.prompt_offset(self.pipe, tok)  # a chat template before the prompt (Flux.2 klein)
         words: dict[str, list[int]] = {}
         consumed = 0
-        for chunk in prompt.split():
-            ids = tok(chunk, add_special_tokens=False)["input_ids"]
+        spaced = self._family.byte_level_text  # byte-level BPE: a word after a space is its own token ("Ġcat")
+        for n, chunk in enumerate(prompt.split()):
+            ids = tok((" " + chunk) if spaced and n else chunk, add_special_tokens=False)["input_ids"]
             pieces = tok.convert_ids_to_tokens(ids)
             word = chunk.strip(_PUNCT)
             for i, piece in enumerate(pieces):
@@ -305,7 +325,7 @@ class FastCapture:
         (B, L, H, h, w)). Each word uses those of its token positions that were captured and that
         survive the tokenizer's truncation (CLIP keeps 75 content tokens before EOS at 76); a word with
         none left is left out with a warning. ``tokenizer`` defaults to the pipeline's CLIP tokenizer
-        (SD3/SD3.5) or T5 tokenizer (Flux).
+        (SD3/SD3.5), T5 tokenizer (Flux) or ``tokenizer`` (Flux.2 klein, Qwen-Image).
         """
         tok = tokenizer if tokenizer is not None else self._default_tokenizer()
         index = self._index_of_positions()

@@ -91,9 +91,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
     Preset("ovss-sd35", f"SD3.5, {_OV}", "open-vocab", "stabilityai/stable-diffusion-3.5-medium", "sd3", (9,),
            _ovss((86.1, 57.8, 43.4, 30.7, 23.8))),
     Preset("ovss-flux", f"Flux.1-dev, {_OV}", "open-vocab", "black-forest-labs/FLUX.1-dev", "flux", (12, 17),
-           _ovss((83.1, 50.6, 38.2, 23.9, 17.1)),
+           _ovss((83.1, 50.6, 38.2, 23.9, 17.1)), steps=50,
            note="layers 12 and 17 as SEG4DIFF.md lists them for Flux.1-dev (the authors' script leaves the layer "
-                "to an argument); their Flux path also uses 50 steps, guidance 3.5 and T5 token positions"),
+                "to an argument); the reader follows their Flux path: 50 steps, guidance 3.5, 77 T5 positions "
+                "from 0, the image left in [0, 1] for the VAE, the timestep shift computed for 16 tokens"),
     Preset("ovss-magnet-coco", f"SD3 + MAGNET (COCO), {_OV}", "open-vocab", _SD3, "sd3", (9,),
            _ovss((89.8, 62.9, 51.2, 35.2, 26.0)), lora="chyun/seg4diff-coco-lora lora_weights.pth"),
     Preset("ovss-magnet-sa1b", f"SD3 + MAGNET (SA-1B), {_OV}", "open-vocab", _SD3, "sd3", (9,),
@@ -112,14 +113,13 @@ def preset_unavailable(preset: Preset) -> str | None:
         >>> preset_unavailable(PRESETS["ovss-sd3"]) is None
         True
     """
-    from ..reader.family import FAMILIES
+    from ..reader import FAMILIES
 
     if any(getattr(f, "name", None) == preset.family for f in FAMILIES):
         return None
     have = ", ".join(sorted({str(getattr(f, "name", "?")) for f in FAMILIES}))
-    return (f"preset {preset.name}: the {preset.family!r} model family ({preset.model}) is not supported by "
-            f"seg4diff_fast.reader yet (readable families: {have}); capture supports Flux, but reading a Flux "
-            f"pipeline into segmentation maps needs a Flux ModelFamily adapter. No dataset was run.")
+    return (f"preset {preset.name}: the {preset.family!r} model family ({preset.model}) is not registered in "
+            f"seg4diff_fast.reader (readable families: {have}). No dataset was run.")
 
 
 def run_preset(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..reader import ModelFamily, SD3Family, as_float, resize_short_side, to_rgb
+from ..reader import ModelFamily, as_float, resize_short_side, to_rgb
 from .outputs import confidence_path, label_path
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "discover_images", "load_classes", "LabelDataset", "collate"]
@@ -144,8 +144,8 @@ def load_classes(spec: str | Sequence[str]) -> list[str]:
 class LabelDataset(torch.utils.data.Dataset):
     """Item ``i`` → ``{"index": i, "x": (3, R, R) float32 in [−1, 1] or None, "size": (H, W), "error": str|None}``.
 
-    ``x`` is what ``Seg4DiffSegmenter`` feeds its VAE for that image alone (``family.model_input``: the
-    model family's input range; SD3's by default); ``size`` the image's own size
+    ``x`` is what ``Seg4DiffSegmenter`` feeds its VAE for that image alone (``family.model_input``, in
+    [−1, 1] unless ``signed=False``: the reader's ``defaults.signed_input``); ``size`` the image's own size
     (the label map's). Unreadable, truncated or empty files give ``x=None`` and the reason.
 
     Example:
@@ -159,9 +159,10 @@ class LabelDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, items: Sequence[ImageItem], resolution: int, short_side: int | None = None,
-                 family: ModelFamily | None = None):
+                 family: ModelFamily | None = None, signed: bool = True):
         self.items = list(items)
-        self.family = family if family is not None else SD3Family()
+        self.family = family if family is not None else ModelFamily()
+        self.signed = bool(signed)
         self.resolution = int(resolution)
         self.short_side = short_side
 
@@ -183,7 +184,7 @@ class LabelDataset(torch.utils.data.Dataset):
             size = tuple(int(s) for s in rgb.shape[:2])
             if self.short_side is not None:
                 rgb = resize_short_side(rgb, self.short_side)
-            x = self.family.model_input([as_float(rgb)], self.resolution, None)[0]
+            x = self.family.model_input([as_float(rgb)], self.resolution, None, signed=self.signed)[0]
             return {"index": i, "x": x, "size": size, "error": None}
         except Exception as e:  # any decoder failure is this image's error, never the run's
             return {"index": i, "x": None, "size": None, "error": f"{type(e).__name__}: {e}"}

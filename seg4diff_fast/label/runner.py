@@ -324,7 +324,8 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
     t0 = time.perf_counter()
     try:
         if batches:
-            dataset = LabelDataset(items, seg.resolution, seg.short_side, seg.reader.family)
+            dataset = LabelDataset(items, seg.resolution, seg.short_side, seg.reader.family,
+                                   signed=seg.reader.defaults.signed_input)
             loader = torch.utils.data.DataLoader(
                 dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                 pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,

@@ -204,12 +204,17 @@ def _paper_plan(prompt: str, names: Sequence[str] | None, tokenizer: Any) -> Tok
     return TokenPlan(prompt, None, tuple(range(max_len)))
 
 
-def plan_tokens(prompt: str, names: Sequence[str] | None, tokenizer: Any, protocol: str = "corrected") -> TokenPlan:
+def plan_tokens(prompt: str, names: Sequence[str] | None, tokenizer: Any, protocol: str = "corrected", *,
+                locate: Callable[[str], list[tuple[int, int, int]]] | None = None,
+                limit: int | None = None) -> TokenPlan:
     """Token plan of one sample (see :class:`TokenPlan`); problems become a ``skip`` reason, not a crash.
 
     ``protocol="corrected"``: direct samples get the segmenter's prompt and consecutive positions
     (:func:`~seg4diff_fast.reader.prompts.plan_prompts`), matched ones the caption's content positions.
     ``protocol="paper"``: the authors' rules (full names, ``isin`` positions; all 77 positions as candidates).
+    ``locate`` / ``limit``: the model family's token locator and prompt capacity
+    (:meth:`~seg4diff_fast.reader.PipelineReader.token_positions` passes them; default: the tokenizer's own
+    positions, CLIP's 75).
 
     Example:
         >>> from seg4diff_fast.testing import tiny_clip_tokenizer
@@ -226,15 +231,18 @@ def plan_tokens(prompt: str, names: Sequence[str] | None, tokenizer: Any, protoc
         if not names:
             return TokenPlan("", (), (), skip="no masks")
         try:
-            chunks = plan_prompts(list(names), tokenizer)
+            chunks = plan_prompts(list(names), tokenizer, locate=locate, limit=limit)
         except ValueError as e:
             return TokenPlan("", (), (), skip=str(e))
         if len(chunks) != 1:
             return TokenPlan("", (), (), skip=f"{len(names)} class names do not fit one prompt")
         return TokenPlan(chunks[0].prompt, chunks[0].positions, ())
-    ids = tokenizer(prompt, truncation=True, max_length=int(tokenizer.model_max_length))["input_ids"]
-    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
-    content = tuple(i for i, t in enumerate(ids) if t not in specials)
+    if locate is not None:  # the family's positions, cut to what one prompt holds
+        content = tuple(p for p, _, _ in locate(prompt)[:limit])
+    else:
+        ids = tokenizer(prompt, truncation=True, max_length=int(tokenizer.model_max_length))["input_ids"]
+        specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+        content = tuple(i for i, t in enumerate(ids) if t not in specials)
     if not content:
         return TokenPlan(prompt, None, (), skip=f"caption {prompt!r} tokenizes to nothing")
     return TokenPlan(prompt, None, content)

@@ -20,14 +20,15 @@ class MagnetConfig:
     """MAGNET fine-tuning settings. Defaults follow the authors' COCO config; departures are options.
 
     Attributes:
-        protocol: ``"paper"`` (default): the authors' training, point by point (their data layouts and
-            transform chains with a seeded RNG, full class names located with ``isin``, every head × all 77
-            positions as SA-1B candidates, their focal form in the matching cost and the loss, the conv head
-            on each token map with PyTorch's default init); ``"corrected"``: this package's choices
-            (docs/PAPER_PROTOCOL_MAGNET.md has the table and the reasons).
+        protocol: ``"paper"`` (default; SD3 only, the family the authors trained): the authors' training, point
+            by point (their data layouts and transform chains with a seeded RNG, full class names located with
+            ``isin``, every head × all 77 positions as SA-1B candidates, their focal form in the matching cost
+            and the loss, the conv head on each token map with PyTorch's default init); ``"corrected"``: this
+            package's choices (docs/PAPER_PROTOCOL_MAGNET.md has the table and the reasons).
         layer: the expert block whose image→text scores get the mask loss (None: the model's default —
             9 for SD3, :data:`seg4diff_fast.shapes.EXPERT_LAYER` for the embedded pipeline).
-        rank, alpha: LoRA rank and alpha (16, 16), gaussian init, on ``target_modules`` of every block.
+        rank, alpha: LoRA rank and alpha (16, 16), gaussian init, on ``target_modules`` of every block (None: the
+            model family's: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, and Flux.2's fused ``to_qkv_mlp_proj``).
         lambda_fm, lambda_focal, lambda_dice: loss weights (1.0, 0.1, 0.2).
         focal_alpha, focal_gamma, focal_form: sigmoid focal loss (0.25, 2; the form ``"standard"`` or
             ``"authors"``, the raw logit in the modulating factor; None: the protocol's, ``"authors"`` under
@@ -58,7 +59,7 @@ class MagnetConfig:
     protocol: str = "paper"
     rank: int = 16
     alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] | None = None
     lambda_fm: float = 1.0
     lambda_focal: float = 0.1
     lambda_dice: float = 0.2
@@ -90,7 +91,8 @@ class MagnetConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
         checks = [
             (self.rank >= 1, f"rank must be >= 1, got {self.rank}"),
             (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
@@ -138,7 +140,7 @@ class MagnetConfig:
             ('corrected', 'standard', 'standard')
         """
         d = dataclasses.asdict(self)
-        d["target_modules"] = list(self.target_modules)
+        d["target_modules"] = None if self.target_modules is None else list(self.target_modules)
         d["focal_form"], d["match_focal_form"] = self.loss_focal_form, self.cost_focal_form
         return d
 

@@ -150,18 +150,23 @@ def train_magnet(
     reader = PipelineReader(pipe, defaults=defaults, text_length=cfg.t5_length, backend=cfg.backend,
                             resolution=cfg.resolution or int(getattr(source, "size", None) or defaults.resolution))
     tr = reader.transformer
+    family = reader.family
+    if cfg.paper and not family.authors_magnet:
+        raise ValueError(f"MAGNET's paper protocol is the authors' SD3 training (CLIP positions); a {family.name} "
+                         "pipeline trains with protocol='corrected' (CLI: --corrected)")
     (layer,) = reader.check_layers(defaults.layer if cfg.layer is None else cfg.layer, "MAGNET")
     t5_length = reader.text_length
     resolution = reader.resolution
     run_cfg = {**cfg.to_dict(), "layer": layer, "t5_length": t5_length, "resolution": resolution}
 
     torch.manual_seed(cfg.seed)  # LoRA (gaussian) and head init
-    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.to(dev).eval().requires_grad_(False)
+    for name in ("vae", *family.text_encoders):
+        if getattr(pipe, name, None) is not None:
+            getattr(pipe, name).to(dev).eval().requires_grad_(False)
     tr.to(device=dev)
     if cfg.mixed_precision == "no" and tr.dtype != torch.float32:
         tr.to(dtype=torch.float32)  # without autocast every weight must be float32
-    lora_params = add_magnet_lora(tr, cfg.rank, cfg.alpha, cfg.target_modules)
+    lora_params = add_magnet_lora(tr, cfg.rank, cfg.alpha, cfg.target_modules or family.lora_targets)
     for p in lora_params:  # trained weights stay float32 under mixed precision
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
@@ -191,7 +196,7 @@ def train_magnet(
     head_model = acc.prepare(head) if head is not None else None
     capturing = contextlib.ExitStack()  # closed in the loop's finally
     cap = capturing.enter_context(reader.capturing(
-        [layer], tokens=range(reader.family.capture_tokens(pipe)), mode="logits",
+        [layer], tokens=reader.capture_tokens(), mode="logits",
         head_reduce="none" if cfg.head_reduce == "none" else "mean"))
     noise_sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
 
@@ -202,6 +207,10 @@ def train_magnet(
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                                          collate_fn=PaperCollate(resolution) if cfg.paper else collate_prepared)
     batches = iter(loader)
+
+    limit = family.content_limit(pipe, reader.text_length)
+    def locate(prompt: str) -> list[tuple[int, int, int]]:
+        return family.prompt_tokens(pipe, prompt, reader.text_length)
 
     main = acc.is_main_process
     bar = None
@@ -230,7 +239,7 @@ def train_magnet(
                 gen = torch.Generator().manual_seed(
                     int(np.random.default_rng([cfg.seed, step, micro, acc.process_index]).integers(2**62)))
                 totals["samples"] += len(batch["prompt"])
-                plans = [plan_tokens(p, n, reader.tokenizer, protocol=cfg.protocol)
+                plans = [plan_tokens(p, n, reader.tokenizer, protocol=cfg.protocol, locate=locate, limit=limit)
                          for p, n in zip(batch["prompt"], batch["names"])]
                 for pl in plans:
                     if pl.skip:

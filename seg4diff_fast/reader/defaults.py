@@ -13,10 +13,23 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["MODEL_CONFIG_FILE", "ModelDefaults", "read_model_config"]
+__all__ = ["MODEL_CONFIG_FILE", "SD3_RELATIVE_DEPTH", "ModelDefaults", "estimated_layer", "read_model_config"]
 
 #: A model folder's own reading facts (written by the ShapesWorld trainer next to ``model_index.json``).
 MODEL_CONFIG_FILE = "shapes_config.json"
+
+#: SD3-medium's expert layer at its relative depth (9 of 24 blocks), the estimate for families without one.
+SD3_RELATIVE_DEPTH = 9 / 24
+
+
+def estimated_layer(num_layers: int) -> int:
+    """The block at SD3's expert depth in a stack of ``num_layers`` (an estimate, not a measurement).
+
+    Example:
+        >>> estimated_layer(24), estimated_layer(56)
+        (9, 21)
+    """
+    return min(int(round(SD3_RELATIVE_DEPTH * num_layers)), max(int(num_layers) - 1, 0))
 
 
 @dataclass(frozen=True)
@@ -26,9 +39,15 @@ class ModelDefaults:
     Attributes:
         layer: the semantic-grounding expert block (0-based).
         resolution: side of the square the image is stretched to.
-        text_length: SD3: the number of T5 positions after the 77 CLIP ones (zeros, as in the authors' fork).
+        text_length: SD3: the number of T5 positions after the 77 CLIP ones (zeros, as in the authors' fork);
+            Flux.1 / Flux.2: the text encoder's padded length; Qwen-Image: the longest prompt allowed.
         num_inference_steps, noise_step: the noise level is ``timesteps[-noise_step]`` of that many steps.
-        source: where these values come from (for reports).
+        source: where these values come from (for reports); ``layer_source`` where the layer comes from
+            (the paper, or an estimate for a family without published numbers).
+        signed_input: the VAE reads images in [−1, 1]; False: left in [0, 1] (the authors' Flux path).
+        shift_tokens: the sequence length a dynamic timestep shift is computed for; None: the image's own
+            token count (the authors' Flux path passes the latent channel count, 16).
+        guidance: the guidance-embedding value for guidance-distilled transformers (Flux.1-dev: 3.5), or None.
     """
 
     layer: int
@@ -37,6 +56,10 @@ class ModelDefaults:
     num_inference_steps: int = 28
     noise_step: int = 8
     source: str = ""
+    layer_source: str = "the paper"
+    signed_input: bool = True
+    shift_tokens: int | None = None
+    guidance: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,4 +90,4 @@ def read_model_config(pipe: Any, base: ModelDefaults) -> ModelDefaults:
         cfg = json.load(f)
     return replace(base, layer=int(cfg.get("expert_layer", base.layer)),
                    text_length=int(cfg.get("t5_length", 77)), resolution=int(cfg.get("size", 32)),
-                   source=cfg_file)
+                   source=cfg_file, layer_source=cfg_file)

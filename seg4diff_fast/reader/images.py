@@ -132,9 +132,11 @@ def as_float(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     return image
 
 
-def to_model_input(images: list[torch.Tensor], resolution: int, pad_multiple: int | None = None) -> torch.Tensor:
-    """Float (3, H, W) images in [0, 1] → (B, 3, R, R) in [−1, 1]: optional zero padding (bottom/right)
-    to a multiple of ``pad_multiple``, then a bilinear stretch to R×R (align_corners=False).
+def to_model_input(images: list[torch.Tensor], resolution: int, pad_multiple: int | None = None,
+                   signed: bool = True) -> torch.Tensor:
+    """Float (3, H, W) images in [0, 1] → (B, 3, R, R) in [−1, 1] (``signed=False``: left in [0, 1], the
+    authors' Flux path): optional zero padding (bottom/right) to a multiple of ``pad_multiple``, then a
+    bilinear stretch to R×R (align_corners=False).
 
     Example:
         >>> import torch
@@ -151,4 +153,5 @@ def to_model_input(images: list[torch.Tensor], resolution: int, pad_multiple: in
         if tuple(img.shape[-2:]) != (resolution, resolution):
             img = F.interpolate(img[None], (resolution, resolution), mode="bilinear", align_corners=False)[0]
         out.append(img)
-    return torch.stack(out).mul_(2.0).sub_(1.0)
+    batch = torch.stack(out)
+    return batch.mul_(2.0).sub_(1.0) if signed else batch

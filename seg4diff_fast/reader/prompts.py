@@ -3,18 +3,20 @@
 SEG4DIFF.md: the prompt is the class names joined by single spaces (a name's text before its first
 ``-``, as in the authors' code, unless ``split_dash=False``); CLIP, 77 positions, BOS at 0; class j's
 tokens are those of the name tokenized alone (BOS/EOS dropped), n_j of them, and the names occupy
-consecutive positions starting at 1. A prompt holds at most ``77 − 2 = 75`` content tokens; a vocabulary
-that does not fit is split, in order, into as few consecutive chunks as greedily fit, each its own
+consecutive positions starting at 1. (Found here from the tokenizer's character offsets in the joined
+prompt, which gives exactly that for CLIP and also serves T5 — from 0 — and chat-templated encoders,
+whose model family says where the prompt's tokens land.) A prompt holds at most ``77 − 2 = 75`` content
+tokens; a vocabulary that does not fit is split, in order, into as few consecutive chunks as greedily fit, each its own
 prompt (the authors do not guard this; their maps become NaN past 77).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PromptChunk", "clean_name", "plan_prompts", "content_limit"]
+__all__ = ["PromptChunk", "clean_name", "content_limit", "plan_prompts", "tokenizer_spans"]
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,48 @@ def _special_ids(tokenizer: Any) -> set[int]:
     return ids
 
 
+def tokenizer_spans(tokenizer: Any, prompt: str) -> list[tuple[int, int, int]]:
+    """(position, char start, char end) of each token of ``prompt`` that carries characters, positions
+    counted in the tokenizer's own encoding with its special tokens (CLIP: BOS at 0; T5: from 0).
+
+    Example:
+        >>> from seg4diff_fast.testing import tiny_clip_tokenizer
+        >>> tokenizer_spans(tiny_clip_tokenizer(), "cat sofa")
+        [(1, 0, 3), (2, 4, 6), (3, 6, 8)]
+    """
+    enc = tokenizer(prompt, return_offsets_mapping=True, truncation=False)
+    return [(i, s, e) for i, (s, e) in enumerate(enc["offset_mapping"]) if e > s]
+
+
+def _trimmed(prompt: str, position: int, start: int, end: int) -> tuple[int, int, int]:
+    """A token's span without the spaces it carries (byte-level BPE puts a word's leading space in its token)."""
+    while start < end and prompt[start].isspace():
+        start += 1
+    while end > start and prompt[end - 1].isspace():
+        end -= 1
+    return position, start, end
+
+
 def plan_prompts(
-    names: Sequence[str], tokenizer: Any, max_tokens: int | None = None, split_dash: bool = True
+    names: Sequence[str], tokenizer: Any, max_tokens: int | None = None, split_dash: bool = True, *,
+    locate: Callable[[str], list[tuple[int, int, int]]] | None = None, limit: int | None = None,
 ) -> list[PromptChunk]:
     """Split a class list into prompts that fit and locate every class's tokens.
 
     Args:
         names: class names (at least one).
-        tokenizer: the pipeline's first CLIP tokenizer (SD3's two CLIP tokenizers share the vocabulary).
-        max_tokens: content tokens per prompt; default and maximum :func:`content_limit` (75).
+        tokenizer: the tokenizer of the text positions (SD3: the first CLIP tokenizer, which CLIP-G shares).
+        max_tokens: content tokens per prompt; default and maximum ``limit``.
         split_dash: keep only the text before a name's first ``-`` (the authors' rule).
+        locate: a prompt → its tokens as (text position, char start, char end) (the model family's
+            :meth:`~seg4diff_fast.reader.family.ModelFamily.prompt_tokens`; a chat template moves them);
+            default :func:`tokenizer_spans`.
+        limit: content tokens one prompt can hold; default :func:`content_limit` (CLIP: 75).
 
     Returns:
-        One :class:`PromptChunk` per prompt, classes in their given order (one chunk when all fit).
+        One :class:`PromptChunk` per prompt, classes in their given order (one chunk when all fit). A class's
+        positions are the tokens of the joined prompt that carry its characters, so sub-words are merged and
+        a tokenizer that splits a word differently inside a sentence is still read right.
 
     Raises:
         ValueError: an empty list, a name that tokenizes to nothing (or only to special / unknown
@@ -90,21 +121,20 @@ def plan_prompts(
     names = list(names)
     if not names:
         raise ValueError("the class list is empty; give at least one class name")
-    limit = content_limit(tokenizer)
+    limit = content_limit(tokenizer) if limit is None else int(limit)
     max_tokens = limit if max_tokens is None else int(max_tokens)
     if not 1 <= max_tokens <= limit:
         raise ValueError(f"max_tokens must be in 1..{limit}, got {max_tokens}")
+    locate = locate or (lambda prompt: tokenizer_spans(tokenizer, prompt))
     specials = _special_ids(tokenizer)
     texts, counts = [], []
     for name in names:
         text = clean_name(name, split_dash)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         if not ids or all(i in specials for i in ids):
-            raise ValueError(f"class name {name!r} tokenizes to nothing (no usable CLIP tokens)")
+            raise ValueError(f"class name {name!r} tokenizes to nothing (no usable tokens)")
         if len(ids) > max_tokens:
-            raise ValueError(
-                f"class name {name!r} takes {len(ids)} CLIP tokens, more than a prompt holds ({max_tokens})"
-            )
+            raise ValueError(f"class name {name!r} takes {len(ids)} tokens, more than a prompt holds ({max_tokens})")
         texts.append(text)
         counts.append(len(ids))
 
@@ -117,19 +147,21 @@ def plan_prompts(
         groups[-1].append(j)
         used += n
 
-    bos = 1 if tokenizer("")["input_ids"][:1] == [getattr(tokenizer, "bos_token_id", None)] else 0
     chunks = []
     for group in groups:
         prompt = " ".join(texts[j] for j in group)
-        positions, pos = [], bos
+        spans = [t for t in (_trimmed(prompt, *span) for span in locate(prompt)) if t[2] > t[1]]
+        if len(spans) > max_tokens:
+            raise ValueError(f"the prompt {prompt!r} takes {len(spans)} tokens, more than a prompt holds "
+                             f"({max_tokens}); pass a smaller max_tokens")
+        positions, start = [], 0
         for j in group:
-            positions.append(tuple(range(pos, pos + counts[j])))
-            pos += counts[j]
-        whole = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(whole) != pos - bos:  # the names must tokenize the same alone and joined
-            raise ValueError(
-                f"the prompt {prompt!r} tokenizes to {len(whole)} tokens but its names alone to {pos - bos}; "
-                "class positions would be wrong"
-            )
+            end = start + len(texts[j])
+            mine = tuple(p for p, s, e in spans if s < end and e > start)
+            if not mine or any(s < start or e > end for p, s, e in spans if p in mine):
+                raise ValueError(f"class name {names[j]!r} has no tokens of its own in the prompt {prompt!r}; "
+                                 "its map cannot be read")
+            positions.append(mine)
+            start = end + 1
         chunks.append(PromptChunk(prompt, tuple(group), tuple(positions)))
     return chunks

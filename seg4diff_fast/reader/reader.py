@@ -43,7 +43,8 @@ from ..capture import (
 )
 from ..capture.state import FastCapture
 from .defaults import ModelDefaults, read_model_config
-from .family import ModelFamily, TextState, family_of
+from .families import family_of
+from .family import ModelFamily, TextState
 from .images import ImageLike, as_float, resize_short_side, to_rgb
 from .prompts import PromptChunk, plan_prompts
 
@@ -133,12 +134,14 @@ class PipelineReader:
         self.seed = int(seed)
         if use_t5 and getattr(pipe, "text_encoder_3", None) is None:
             raise ValueError("use_t5=True needs a pipeline with text_encoder_3 (T5); this one has none")
-        if int(d.text_length) < (1 if use_t5 else 0):
-            raise ValueError(f"t5_length must be >= {1 if use_t5 else 0}, got {d.text_length}")
+        least = 1 if use_t5 else family.min_text_length
+        if int(d.text_length) < least:
+            raise ValueError(f"text_length (SD3: t5_length) must be >= {least}, got {d.text_length}")
         self.use_t5, self.text_length = bool(use_t5), int(d.text_length)
         self.backend = backend
         self.early_exit = bool(early_exit)
-        self.scheduler = family.noise_scheduler(pipe, self.resolution, self.num_inference_steps)
+        self.guidance = d.guidance
+        self.scheduler = family.noise_scheduler(pipe, self.resolution, self.num_inference_steps, d.shift_tokens)
         self._timestep = self.scheduler.timesteps[-self.noise_step]
         self._sigma = float(self.scheduler.sigmas[len(self.scheduler.timesteps) - self.noise_step])
 
@@ -186,7 +189,7 @@ class PipelineReader:
 
     def model_input(self, images: list[torch.Tensor], pad_multiple: int | None = None) -> torch.Tensor:
         """(B, 3, R, R) VAE input of [0, 1] images: optional bottom/right zero padding, the stretch to R²."""
-        return self.family.model_input(images, self.resolution, pad_multiple)
+        return self.family.model_input(images, self.resolution, pad_multiple, signed=self.defaults.signed_input)
 
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Clean latents of a model-input batch: one VAE call, in the VAE's dtype."""
@@ -223,7 +226,16 @@ class PipelineReader:
                         split_dash: bool = True) -> list[PromptChunk]:
         """Prompts for a class list and each name's token positions in them (chunked when the names do not
         fit one prompt): :func:`~seg4diff_fast.reader.prompts.plan_prompts` with this family's tokenizer."""
-        return plan_prompts(list(names), self.tokenizer, max_tokens, split_dash)
+        pipe, length = self.pipe, self.text_length
+        return plan_prompts(list(names), self.tokenizer, max_tokens, split_dash,
+                            locate=lambda prompt: self.family.prompt_tokens(pipe, prompt, length),
+                            limit=self.family.content_limit(pipe, length))
+
+    def capture_tokens(self) -> range | None:
+        """The text positions captured by default (SD3: the 77 CLIP ones; Flux: every T5 position), or None
+        for every text position of each call (Qwen-Image, whose text length is the prompt's own)."""
+        n = self.family.capture_tokens(self.pipe, self.text_length)
+        return None if n is None else range(n)
 
     # ------------------------------------------------------------------------------------------
     # reading
@@ -250,7 +262,7 @@ class PipelineReader:
     def forward(self, transformer: Any, latents: torch.Tensor, text: TextState, timestep: torch.Tensor) -> Any:
         """One call of ``transformer`` (this pipeline's, possibly wrapped, e.g. by accelerate) on latents and
         text, ``timestep`` one value per row: the family's argument layout."""
-        return self.family.forward(transformer, latents, text, timestep)
+        return self.family.forward(transformer, latents, text, timestep, self.guidance)
 
     def _timesteps(self, latents: torch.Tensor) -> torch.Tensor:
         return self._timestep.expand(latents.shape[0]).to(latents.device)
