@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .defaults import ModelDefaults
@@ -141,11 +142,35 @@ class ModelFamily:
         raise NotImplementedError
 
     # noise
+    #: The pipeline passes its own sigmas ``linspace(1, 1/n, n)`` (Flux.1, Qwen-Image) rather than letting the
+    #: scheduler space its timesteps (SD3).
+    explicit_sigmas: bool = False
+    #: ``max_shift`` of the dynamic shift when the scheduler's config does not say (the pipeline's own default).
+    default_max_shift: float = 1.15
+
+    def image_tokens(self, pipe: Any, resolution: int) -> int:
+        """Image tokens of a ``resolution``² input."""
+        return (resolution // self.vae_factor(pipe) // self.patch_size(pipe)) ** 2
+
     def noise_scheduler(self, pipe: Any, resolution: int, num_inference_steps: int,
                         shift_tokens: int | None = None) -> Any:
         """A copy of the pipeline's scheduler with ``num_inference_steps`` set as the pipeline would set it
         (``shift_tokens``: the sequence length a dynamic shift is computed for; None: the image's tokens)."""
-        raise NotImplementedError
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the same function in every pipeline
+
+        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        kwargs: dict[str, Any] = {}
+        if sched.config.get("use_dynamic_shifting", False):
+            kwargs["mu"] = calculate_shift(
+                shift_tokens or self.image_tokens(pipe, resolution), sched.config.get("base_image_seq_len", 256),
+                sched.config.get("max_image_seq_len", 4096), sched.config.get("base_shift", 0.5),
+                sched.config.get("max_shift", self.default_max_shift),
+            )
+        if self.explicit_sigmas:
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), **kwargs)
+        else:
+            sched.set_timesteps(num_inference_steps, **kwargs)
+        return sched
 
     def add_noise(self, scheduler: Any, latents: torch.Tensor, timestep: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .defaults import ModelDefaults
@@ -37,6 +36,7 @@ class FluxFamily(ModelFamily):
     name = "flux"
     pipelines = "FluxPipeline (Flux.1 dev / schnell) and its img2img / inpaint variants"
     pipeline_classes = ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")
+    explicit_sigmas = True
     components = ("vae", "tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "scheduler")
     dropped = ("image_encoder", "feature_extractor")
     text_encoders = ("text_encoder", "text_encoder_2")
@@ -60,22 +60,6 @@ class FluxFamily(ModelFamily):
         with torch.no_grad():
             latent = vae.encode(x).latent_dist.mean
         return (latent - vae.config.shift_factor) * vae.config.scaling_factor
-
-    def noise_scheduler(self, pipe: Any, resolution: int, num_inference_steps: int,
-                        shift_tokens: int | None = None) -> Any:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        kwargs: dict[str, Any] = {}
-        if sched.config.get("use_dynamic_shifting", False):
-            seq = shift_tokens or (resolution // self.vae_factor(pipe) // self.patch_size(pipe)) ** 2
-            kwargs["mu"] = calculate_shift(
-                seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15),
-            )
-        sched.set_timesteps(sigmas=sigmas, **kwargs)
-        return sched
 
     def tokenizer(self, pipe: Any) -> Any:
         return pipe.tokenizer_2  # T5: the joint sequence's text positions

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from .defaults import SD3_RELATIVE_DEPTH, ModelDefaults, estimated_layer
@@ -33,6 +32,7 @@ class QwenImageFamily(ModelFamily):
     name = "qwenimage"
     pipelines = "QwenImagePipeline (Qwen-Image)"
     pipeline_classes = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+    explicit_sigmas = True
     components = ("vae", "tokenizer", "text_encoder", "scheduler")
 
     def matches(self, pipe: Any) -> bool:
@@ -62,22 +62,6 @@ class QwenImageFamily(ModelFamily):
         mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1).to(latent.device, latent.dtype)
         std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1).to(latent.device, latent.dtype)
         return (latent - mean) / std
-
-    def noise_scheduler(self, pipe: Any, resolution: int, num_inference_steps: int,
-                        shift_tokens: int | None = None) -> Any:
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        kwargs: dict[str, Any] = {}
-        if sched.config.get("use_dynamic_shifting", False):
-            seq = shift_tokens or (resolution // self.vae_factor(pipe) // 2) ** 2
-            kwargs["mu"] = calculate_shift(
-                seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.15),
-            )
-        sched.set_timesteps(sigmas=sigmas, **kwargs)
-        return sched
 
     def tokenizer(self, pipe: Any) -> Any:
         return pipe.tokenizer

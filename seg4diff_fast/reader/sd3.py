@@ -26,6 +26,7 @@ class SD3Family(ModelFamily):
     pipelines = "StableDiffusion3Pipeline (SD3, SD3.5) and its img2img / inpaint variants"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline",
                         "StableDiffusion3InpaintPipeline")
+    default_max_shift = 1.16
     components = ("vae", "tokenizer", "text_encoder", "text_encoder_2", "scheduler")
     dropped = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -48,21 +49,6 @@ class SD3Family(ModelFamily):
             latent = vae.encode(x).latent_dist.mean
         shift = vae.config.get("shift_factor", None) or 0.0
         return (latent - shift) * vae.config.scaling_factor
-
-    def noise_scheduler(self, pipe: Any, resolution: int, num_inference_steps: int,
-                        shift_tokens: int | None = None) -> Any:
-        sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-            seq = shift_tokens or (resolution // self.vae_factor(pipe) // self.patch_size(pipe)) ** 2
-            kwargs["mu"] = calculate_shift(
-                seq, sched.config.get("base_image_seq_len", 256), sched.config.get("max_image_seq_len", 4096),
-                sched.config.get("base_shift", 0.5), sched.config.get("max_shift", 1.16),
-            )
-        sched.set_timesteps(num_inference_steps, **kwargs)
-        return sched
 
     def tokenizer(self, pipe: Any) -> Any:
         return pipe.tokenizer  # CLIP-L; CLIP-G shares its vocabulary and positions
