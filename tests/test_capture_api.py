@@ -325,20 +325,20 @@ def test_model_cpu_offload():
 
 def test_no_layers_still_runs_fused_and_joint_attention_kwargs_pass_through(sd3):
     calls = []
-    import seg4diff_fast.capture.sd3 as sd3_mod
+    import seg4diff_fast.capture.processor as processor_mod  # the processors' one attention core
 
-    original = sd3_mod.joint_attention
+    original = processor_mod.joint_attention
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("capture_cols") is not None)
         return original(*args, **kwargs)
 
-    sd3_mod.joint_attention = counting
+    processor_mod.joint_attention = counting
     try:
         cap = enable_fast_capture(sd3, layers=[])
         sd3(PROMPT, joint_attention_kwargs={"scale": 1.0}, **KW)
     finally:
-        sd3_mod.joint_attention = original
+        processor_mod.joint_attention = original
     assert len(calls) == 2 * 3 and not any(calls)  # every layer, every step, on the fused op
     with pytest.raises(RuntimeError):
         _ = cap.maps

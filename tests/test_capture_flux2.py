@@ -3,12 +3,8 @@
 stock processors, maps and attention mass match a float64 reference materialised from the q/k the stock
 processors hand to SDPA."""
 
-import math
-from contextlib import contextmanager
-
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
@@ -21,7 +17,14 @@ from seg4diff_fast.capture import (
     count_layers,
     early_exit,
 )
-from seg4diff_fast.testing import prompt_token_span, tiny_flux2_pipeline, tiny_flux2_transformer
+from seg4diff_fast.testing import (
+    prompt_token_span,
+    record_stock_attention,
+    reference_maps,
+    reference_mass,
+    tiny_flux2_pipeline,
+    tiny_flux2_transformer,
+)
 
 PROMPT = "a cat on a red sofa"
 
@@ -29,78 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@contextmanager
-def record_sdpa(transformer):
-    """(q, k, attn_mask) that every attention module's processor hands to torch's SDPA, by module name."""
-    records, current, handles = {}, [None], []
-    for name, module in transformer.named_modules():
-        if hasattr(module, "processor") and hasattr(module, "set_processor"):
-            handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: current.__setitem__(0, _n)))
-            handles.append(module.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
-    original = F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        if current[0] is not None:
-            names = ("query", "key", "value", "attn_mask")
-            got = dict(zip(names, args), **{n: kwargs[n] for n in names if n in kwargs})
-            mask = got.get("attn_mask")
-            records.setdefault(current[0], []).append(
-                (got["query"].detach().clone(), got["key"].detach().clone(), None if mask is None else mask.clone()))
-        return original(*args, **kwargs)
-
-    F.scaled_dot_product_attention = recording
-    try:
-        yield records
-    finally:
-        F.scaled_dot_product_attention = original
-        for h in handles:
-            h.remove()
-
-
-def module_name(transformer, layer):
-    n = len(transformer.transformer_blocks)
-    return f"transformer_blocks.{layer}.attn" if layer < n else f"single_transformer_blocks.{layer - n}.attn"
-
-
-def reference_maps(rec, transformer, layers, grid, positions, n_txt, mode="probs", head_reduce="mean",
-                   calls=None, keep_steps=False):
-    """float64 maps of the image rows [n_txt, n_txt + h·w) × text columns ``positions`` (FastCapture layout)."""
-    n_img = grid[0] * grid[1]
-    cols = torch.tensor(list(positions))
-    per_layer = []
-    for layer in layers:
-        recorded = rec[module_name(transformer, layer)]
-        per_call = []
-        for i in (range(len(recorded)) if calls is None else calls):
-            q, k, _ = (t.double() if t is not None else None for t in recorded[i])
-            s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-            rows = s[:, :, n_txt:n_txt + n_img]
-            if mode == "probs":
-                m = torch.softmax(s, -1)[:, :, n_txt:n_txt + n_img][..., cols]
-            elif mode == "logits":
-                m = rows[..., cols]
-            else:
-                m = torch.softmax(rows[..., cols], -1)
-            m = {"mean": lambda x: x.mean(1), "max": lambda x: x.amax(1), "none": lambda x: x}[head_reduce](m)
-            per_call.append(m.transpose(-1, -2).unflatten(-1, grid))
-        per_layer.append(torch.stack(per_call) if keep_steps else torch.stack(per_call).mean(0))
-    return torch.stack(per_layer, dim=2 if keep_steps else 1)
-
-
-def reference_mass(rec, transformer, n_txt, n_img):
-    """(L, H, 2) [I2T, T2T] per block from a float64 softmax: text-key mass of the generated image's rows
-    and of the text rows (reference-image rows are neither), summed over the batch."""
-    out = []
-    for layer in range(count_layers(transformer)):
-        q, k, _ = rec[module_name(transformer, layer)][0]
-        p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
-        text = p[..., :n_txt].sum(-1)  # (B, H, N)
-        i2t = text[:, :, n_txt:n_txt + n_img].mean(-1)
-        t2t = text[:, :, :n_txt].mean(-1)
-        out.append(torch.stack([i2t, t2t], -1).sum(0))
-    return torch.stack(out)
-
-
 def inputs(batch, n_txt, grid, refs=(), seed=0):
     """Bare-transformer inputs: the generated image's tokens (t = 0) then reference images' (t = 10, 20, …)."""
     g = torch.Generator().manual_seed(seed)
@@ -163,13 +94,13 @@ def test_generation_matches_stock_and_disable_restores(pipe):
 def test_pipeline_maps_match_reference_under_true_cfg(pipe):
     seed = _seed()
     kw = dict(width=48, num_images_per_prompt=2)
-    with record_sdpa(pipe.transformer) as rec:
+    with record_stock_attention(pipe.transformer) as rec:
         stock = _gen(pipe, seed, **kw)
     assert len(rec["transformer_blocks.1.attn"]) == 4  # (cond, uncond) per step
     cap = enable_fast_capture(pipe, layers=[1, 2], keep_steps=True)
     torch.testing.assert_close(_gen(pipe, seed, **kw), stock, rtol=1e-5, atol=1e-5)
     assert cap.captured_steps == [0, 1]
-    ref = reference_maps(rec, pipe.transformer, [1, 2], (8, 12), range(12), 12, calls=[0, 2], keep_steps=True)
+    ref = reference_maps(rec, pipe.transformer, [1, 2], (8, 12), range(12), calls=[0, 2], keep_steps=True, n_txt=12)
     assert cap.maps.shape == (2, 2, 2, 12, 8, 12)  # (S, B, L, T, h, w)
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
 
@@ -181,12 +112,12 @@ def test_reference_image_editing_captures_only_the_generated_grid(pipe):
     seed = _seed()
     image = Image.fromarray((np.random.default_rng(seed).random((64, 96, 3)) * 255).astype("uint8"))
     kw = dict(image=image, width=48, guidance_scale=1.0)
-    with record_sdpa(pipe.transformer) as rec:
+    with record_stock_attention(pipe.transformer) as rec:
         stock = _gen(pipe, seed, **kw)
     assert rec["transformer_blocks.0.attn"][0][0].shape[2] == 12 + 8 * 12 + 16 * 24  # text, image, reference
     cap = enable_fast_capture(pipe, layers=[0, 3], tokens=[0, 3, 4])
     torch.testing.assert_close(_gen(pipe, seed, **kw), stock, rtol=1e-5, atol=1e-5)
-    ref = reference_maps(rec, pipe.transformer, [0, 3], (8, 12), [0, 3, 4], 12)
+    ref = reference_maps(rec, pipe.transformer, [0, 3], (8, 12), [0, 3, 4], n_txt=12)
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
 
 
@@ -205,14 +136,14 @@ def test_maps_and_outputs_bare_transformer(model, backend, mode, head_reduce, ba
     seed = _seed()
     n_txt, grid = 7, (3, 5)
     x = inputs(batch, n_txt, grid, refs, seed=seed)
-    with torch.no_grad(), record_sdpa(model) as rec:
+    with torch.no_grad(), record_stock_attention(model) as rec:
         stock = model(**x).sample
     cap = enable_fast_capture(model, layers=layers, tokens=tokens, mode=mode, head_reduce=head_reduce, backend=backend)
     with torch.no_grad():
         fast = model(**x).sample
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
     positions = range(n_txt) if tokens is None else tokens
-    ref = reference_maps(rec, model, layers, grid, positions, n_txt, mode=mode, head_reduce=head_reduce)
+    ref = reference_maps(rec, model, layers, grid, positions, mode=mode, head_reduce=head_reduce, n_txt=n_txt)
     assert cap.maps.shape == ref.shape
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-6, msg=f"seed {seed}")
 
@@ -222,7 +153,7 @@ def test_early_exit_and_measure_mass(model, backend):
     seed = _seed()
     n_txt, grid = 6, (3, 5)
     x = inputs(2, n_txt, grid, refs=[(2, 3)], seed=seed)
-    with torch.no_grad(), record_sdpa(model) as rec:
+    with torch.no_grad(), record_stock_attention(model) as rec:
         model(**x)
     ran = []
     hook = model.single_transformer_blocks[1].attn.register_forward_pre_hook(lambda *a: ran.append(1))
@@ -236,7 +167,7 @@ def test_early_exit_and_measure_mass(model, backend):
     finally:
         hook.remove()
     assert not ran  # nothing after the stop block's attention runs
-    ref = reference_maps(rec, model, [0, 2], grid, range(n_txt), n_txt)
+    ref = reference_maps(rec, model, [0, 2], grid, range(n_txt), n_txt=n_txt)
     assert cap.num_captured == 2
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
 
@@ -244,7 +175,7 @@ def test_early_exit_and_measure_mass(model, backend):
     with torch.no_grad():
         model(**x)
     got = torch.stack([cap.block_mass[i] for i in range(4)])
-    torch.testing.assert_close(got, reference_mass(rec, model, n_txt, 15), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    torch.testing.assert_close(got, reference_mass(rec, model, 15, n_txt), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
 
 
 def test_layer_range_error_and_kv_cache_refused(model):

@@ -4,12 +4,11 @@ RoPE per stream, processor kwargs through ``attention_kwargs``, and the text key
 positions, so every attention output (masked text rows included) equals the stock processor's and maps
 equal a float64 masked reference."""
 
-import math
 from contextlib import contextmanager
+from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
@@ -20,7 +19,14 @@ from seg4diff_fast.capture import (
     count_layers,
     early_exit,
 )
-from seg4diff_fast.testing import prompt_token_span, tiny_qwenimage_pipeline, tiny_qwenimage_transformer
+from seg4diff_fast.testing import (
+    prompt_token_span,
+    record_stock_attention,
+    reference_maps,
+    reference_mass,
+    tiny_qwenimage_pipeline,
+    tiny_qwenimage_transformer,
+)
 
 PROMPT = "a cat on a red sofa"
 
@@ -28,32 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@contextmanager
-def record_sdpa(transformer):
-    """(q, k, attn_mask) that every attention module's processor hands to torch's SDPA, by module name."""
-    records, current, handles = {}, [None], []
-    for name, module in transformer.named_modules():
-        if hasattr(module, "processor") and hasattr(module, "set_processor"):
-            handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: current.__setitem__(0, _n)))
-            handles.append(module.register_forward_hook(lambda m, a, o: current.__setitem__(0, None)))
-    original = F.scaled_dot_product_attention
-
-    def recording(*args, **kwargs):
-        if current[0] is not None:
-            names = ("query", "key", "value", "attn_mask")
-            got = dict(zip(names, args), **{n: kwargs[n] for n in names if n in kwargs})
-            mask = got.get("attn_mask")
-            records.setdefault(current[0], []).append(
-                (got["query"].detach().clone(), got["key"].detach().clone(), None if mask is None else mask.clone()))
-        return original(*args, **kwargs)
-
-    F.scaled_dot_product_attention = recording
-    try:
-        yield records
-    finally:
-        F.scaled_dot_product_attention = original
-        for h in handles:
-            h.remove()
+record_sdpa = partial(record_stock_attention, with_mask=True)  # (q, k, key mask) per SDPA call, by module name
 
 
 @contextmanager
@@ -68,52 +49,6 @@ def record_attention_outputs(transformer):
     finally:
         for h in handles:
             h.remove()
-
-
-def _scores(q, k, mask):
-    """float64 scores with masked keys at -inf, and the (B, 1, 1, N) key mask (all true without one)."""
-    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-    keys = torch.ones(s.shape[0], 1, 1, s.shape[-1], dtype=torch.bool) if mask is None else mask.expand(
-        s.shape[0], 1, 1, s.shape[-1])
-    return s.masked_fill(~keys, float("-inf")), keys
-
-
-def reference_maps(rec, layers, grid, positions, n_txt, mode="probs", head_reduce="mean", calls=None,
-                   keep_steps=False):
-    """float64 maps of the image rows [n_txt, n_txt + h·w) × text ``positions``, masked keys giving 0."""
-    n_img = grid[0] * grid[1]
-    cols = torch.tensor(list(positions))
-    per_layer = []
-    for layer in layers:
-        recorded = rec[f"transformer_blocks.{layer}.attn"]
-        per_call = []
-        for i in (range(len(recorded)) if calls is None else calls):
-            s, keys = _scores(*recorded[i])
-            valid = keys[..., cols]  # (B, 1, 1, T)
-            rows = s[:, :, n_txt:n_txt + n_img]
-            if mode == "probs":
-                m = torch.softmax(s, -1)[:, :, n_txt:n_txt + n_img][..., cols]
-            elif mode == "logits":
-                m = torch.where(valid, rows[..., cols], 0.0)
-            else:
-                m = torch.nan_to_num(torch.softmax(rows[..., cols], -1), nan=0.0)
-            m = {"mean": lambda x: x.mean(1), "max": lambda x: x.amax(1), "none": lambda x: x}[head_reduce](m)
-            per_call.append(m.transpose(-1, -2).unflatten(-1, grid))
-        per_layer.append(torch.stack(per_call) if keep_steps else torch.stack(per_call).mean(0))
-    return torch.stack(per_layer, dim=2 if keep_steps else 1)
-
-
-def reference_mass(rec, n_layers, n_txt, n_img):
-    """(L, H, 2) [I2T, T2T]: text-key mass of the generated image's rows and of the valid text rows."""
-    out = []
-    for layer in range(n_layers):
-        s, keys = _scores(*rec[f"transformer_blocks.{layer}.attn"][0])
-        text = torch.softmax(s, -1)[..., :n_txt].sum(-1)  # (B, H, N)
-        i2t = text[:, :, n_txt:n_txt + n_img].mean(-1)
-        valid = keys[:, 0, 0, :n_txt].double()  # (B, T)
-        t2t = (text[:, :, :n_txt] * valid[:, None]).sum(-1) / valid.sum(-1).clamp(min=1)[:, None]
-        out.append(torch.stack([i2t, t2t], -1).sum(0))
-    return torch.stack(out)
 
 
 def inputs(batch, n_txt, grid, mask=None, conditions=(), seed=0):
@@ -195,7 +130,8 @@ def test_true_cfg_negative_calls_are_not_captured(pipe):
     cap = enable_fast_capture(pipe, layers=[1, 2], tokens=[0, 1, 5], keep_steps=True)
     torch.testing.assert_close(_gen(pipe, seed, **kw), stock, rtol=1e-5, atol=1e-5)
     assert cap.step_count == 3 and cap.captured_steps == [0, 1, 2]
-    ref = reference_maps(rec, [1, 2], (8, 8), [0, 1, 5], _text_len(pipe, PROMPT), calls=[0, 2, 4], keep_steps=True)
+    ref = reference_maps(rec, pipe.transformer, [1, 2], (8, 8), [0, 1, 5], calls=[0, 2, 4], keep_steps=True,
+                         n_txt=_text_len(pipe, PROMPT))
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7)
 
 
@@ -208,7 +144,7 @@ def test_batch_of_prompts_with_padding_matches_stock(pipe):
     assert rec["transformer_blocks.0.attn"][0][2] is not None and not rec["transformer_blocks.0.attn"][0][2].all()
     cap = enable_fast_capture(pipe, layers=[2, 0], measure_mass=True)
     torch.testing.assert_close(_gen(pipe, seed, prompts, height=48, width=32), stock, rtol=1e-5, atol=1e-5)
-    ref = reference_maps(rec, [2, 0], (12, 8), range(n_txt), n_txt)
+    ref = reference_maps(rec, pipe.transformer, [2, 0], (12, 8), range(n_txt), n_txt=n_txt)
     assert cap.maps.shape == (2, 2, n_txt, 12, 8)
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
     assert float(cap.maps[1, :, _text_len(pipe, "a dog"):].abs().max()) == 0.0  # the padding gets nothing
@@ -242,7 +178,7 @@ def test_maps_and_outputs_bare_transformer(model, backend, mode, head_reduce, ba
             torch.testing.assert_close(fi, si, rtol=1e-5, atol=1e-5, msg=f"block {i} image, seed {seed}")
             torch.testing.assert_close(ft, st, rtol=1e-5, atol=1e-5, msg=f"block {i} text, seed {seed}")
     positions = range(n_txt) if tokens is None else tokens
-    ref = reference_maps(rec, layers, grid, positions, n_txt, mode=mode, head_reduce=head_reduce)
+    ref = reference_maps(rec, model, layers, grid, positions, mode=mode, head_reduce=head_reduce, n_txt=n_txt)
     assert cap.maps.shape == ref.shape
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-6, msg=f"seed {seed}")
 
@@ -264,10 +200,10 @@ def test_mask_edge_cases_all_true_and_no_valid_text(model):
         for i in stock_attn:
             for f, s in zip(fast_attn[i][0], stock_attn[i][0]):
                 torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-5, msg=f"block {i}, seed {seed}")
-        torch.testing.assert_close(cap.maps.double(), reference_maps(rec, [1], grid, range(n_txt), n_txt),
+        torch.testing.assert_close(cap.maps.double(), reference_maps(rec, model, [1], grid, range(n_txt), n_txt=n_txt),
                                    rtol=1e-4, atol=1e-7)
         got = torch.stack([cap.block_mass[i] for i in range(3)])
-        torch.testing.assert_close(got, reference_mass(rec, 3, n_txt, 15), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+        torch.testing.assert_close(got, reference_mass(rec, model, 15, n_txt), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
         disable_fast_capture(model)
     assert float(cap.maps[1].abs().max()) == 0.0
 
@@ -291,14 +227,14 @@ def test_early_exit_and_measure_mass_with_mask(model, backend):
     finally:
         hook.remove()
     assert not ran and cap.num_captured == 2
-    torch.testing.assert_close(cap.maps.double(), reference_maps(rec, [0, 1], grid, range(n_txt), n_txt),
+    torch.testing.assert_close(cap.maps.double(), reference_maps(rec, model, [0, 1], grid, range(n_txt), n_txt=n_txt),
                                rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
 
     cap = enable_fast_capture(model, layers=[], measure_mass=True, backend=backend)
     with torch.no_grad():
         model(**x)
     got = torch.stack([cap.block_mass[i] for i in range(3)])
-    torch.testing.assert_close(got, reference_mass(rec, 3, n_txt, 15), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    torch.testing.assert_close(got, reference_mass(rec, model, 15, n_txt), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
 
 
 def test_layer_range_error_and_grid_errors(model):

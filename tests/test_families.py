@@ -29,6 +29,7 @@ from seg4diff_fast.testing import (
     prompt_token_span,
     record_stock_attention,
     reference_maps,
+    reference_mass,
     tiny_flux2_pipeline,
     tiny_flux_pipeline,
     tiny_qwenimage_pipeline,
@@ -220,31 +221,14 @@ def test_label_equals_segmenter(pipe, tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def _reference_mass(reader, latents, text) -> np.ndarray:
-    rec, _ = _stock(reader, latents, text)
-    from seg4diff_fast.testing import attention_module_name
-
-    n_img = GRID[0] * GRID[1]
-    sd3 = family_of(reader.pipe).name == "sd3"
-    out = []
-    for layer in range(reader.num_layers):
-        (q, k), = rec[attention_module_name(reader.transformer, layer)]
-        q, k = q.double(), k.double()
-        p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        n = q.shape[2]
-        img, txt = (slice(0, n_img), slice(n_img, n)) if sd3 else (slice(n - n_img, n), slice(0, n - n_img))
-        out.append(torch.stack([p[:, :, img][..., txt].sum(-1).mean(-1), p[:, :, txt][..., txt].sum(-1).mean(-1)],
-                               -1).sum(0))
-    return torch.stack(out).numpy()
-
-
 def test_block_mass_matches_reference(pipe):
     seed = fresh_seed()
     reader = _reader(pipe, seed % 997)
     latents = reader.latents(_images(seed, 2))
     text = reader.encode_text(["a cat on a red sofa"] * 2)
     got = reader.block_mass(latents, text)
-    ref = _reference_mass(reader, latents, text)
+    rec, _ = _stock(reader, latents, text)
+    ref = reference_mass(rec, reader.transformer, GRID[0] * GRID[1]).numpy()
     assert sorted(got) == list(range(reader.num_layers))
     np.testing.assert_allclose(np.stack([got[i].numpy() for i in range(reader.num_layers)]), ref, rtol=1e-4,
                                atol=1e-6)

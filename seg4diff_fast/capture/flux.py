@@ -7,8 +7,9 @@ Double-stream blocks get image ``hidden_states`` and text ``encoder_hidden_state
 transformer's inputs). RoPE is applied to q and k before attention with diffusers' own
 ``apply_rotary_emb``; projections and RMS norms are the module's own submodules (LoRA/peft safe).
 Layers count the double-stream blocks first, then the single-stream ones; Kontext conditioning tokens
-follow the image (another frame id in ``img_ids``) and are never captured. :func:`fused_attention`, the
-attention core on the fused op, is shared with Flux.2 (:mod:`.flux2`).
+follow the image (another frame id in ``img_ids``) and are never captured. :class:`FluxStyleProcessor` (the
+call, the attention core on the fused op) and :func:`flux_qkv` (projections, qk-norms, RoPE) are shared with
+Flux.2 (:mod:`.flux2`), whose double-stream math is the same.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ import weakref
 
 import torch
 
-from ..ops.joint_attention import joint_attention
-from .mass import attention_with_text_mass
-from .state import CallInfo, FastCapture
+from .processor import DispatchingProcessor
+from .state import CallInfo
 
 
 def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
@@ -38,67 +38,42 @@ def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch
     return q, k, v, cq, ck, cv
 
 
-def fused_attention(proc, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: CallInfo | None,
-                    n_txt: int | None, attention_mask: torch.Tensor | None = None, family: str = "Flux"):
-    """The attention core of the ``[text; image ...]`` processors (Flux, Flux.2) on (B, N, H, D) q, k, v
-    after RoPE: the fused op (recording maps / text mass when the processor's layer asks), or diffusers'
-    dispatcher for calls with an ``attention_mask`` or under context parallelism. Returns (B, N, H, D).
+def _rope(q: torch.Tensor, k: torch.Tensor, image_rotary_emb):
+    """diffusers' ``apply_rotary_emb`` on (B, N, H, D) q and k (text and image together); none without one."""
+    if image_rotary_emb is None:
+        return q, k
+    from diffusers.models.embeddings import apply_rotary_emb
 
-    ``proc`` is the processor (``capture``, ``slot``, ``layer``, ``_attention_backend``,
-    ``_parallel_config``); ``n_txt`` the text length this module sees (None: single-stream blocks, whose
-    text length is the call's).
-    """
-    capture = proc.capture
-    capturing = info is not None and proc.slot is not None and capture is not None
-    if attention_mask is not None or proc._parallel_config is not None:
-        if capturing:
-            raise NotImplementedError(
-                f"fast capture: {family} calls with an attention_mask or context parallelism cannot capture maps"
-            )
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-        return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, backend=proc._attention_backend,
-                                     parallel_config=proc._parallel_config)
-    backend = capture.backend if capture is not None else None
-    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
-    measuring = info is not None and capture is not None and capture.measure_mass
-    out = None
-    if capturing or measuring:
-        n_txt = info.n_txt if n_txt is None else n_txt
-        if n_txt != info.n_txt or n_txt + info.n_img > q.shape[1]:
-            raise RuntimeError(
-                f"fast capture: block {proc.layer} sees {q.shape[1]} tokens ({n_txt} text) but the call "
-                f"has {info.n_txt} text tokens and an image grid {info.grid}"
-            )
-    if measuring:
-        out, part = attention_with_text_mass(qh, kh, vh, info, backend)
-        capture.record_mass(proc.layer, part, info)
-    if capturing:
-        o, maps = joint_attention(
-            qh, kh, vh, capture_cols=info.cols(q.device), capture_rows=info.rows,
-            mode=capture.mode, head_reduce=capture.head_reduce, backend=backend,
-        )
-        out = o if out is None else out
-        capture.record(proc.slot, maps, info)
-    if out is None:
-        out, _ = joint_attention(qh, kh, vh, backend=backend)
-    return out.transpose(1, 2)  # (B, N, H, D)
+    return (apply_rotary_emb(q, image_rotary_emb, sequence_dim=1),
+            apply_rotary_emb(k, image_rotary_emb, sequence_dim=1))
 
 
-class FastFluxAttnProcessor:
-    """Drop-in replacement for diffusers' ``FluxAttnProcessor`` (double- and single-stream blocks).
+def flux_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None, image_rotary_emb):
+    """(B, N, H, D) q, k, v after RoPE, exactly as diffusers' ``FluxAttnProcessor`` and ``Flux2AttnProcessor``
+    make them: the module's own projections and RMS qk-norms, ``[text; image]`` when the module has text
+    projections (double-stream blocks), else the sequence as given (Flux.1's single-stream blocks)."""
+    q, k, v, cq, ck, cv = _projections(attn, hidden_states, encoder_hidden_states)
+    head_dim = attn.head_dim
+    q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))  # (B, N, H, D)
+    q = attn.norm_q(q)
+    k = attn.norm_k(k)
+    if attn.added_kv_proj_dim is not None:
+        cq, ck, cv = (t.unflatten(-1, (-1, head_dim)) for t in (cq, ck, cv))
+        cq = attn.norm_added_q(cq)
+        ck = attn.norm_added_k(ck)
+        q = torch.cat([cq, q], dim=1)
+        k = torch.cat([ck, k], dim=1)
+        v = torch.cat([cv, v], dim=1)
+    q, k = _rope(q, k, image_rotary_emb)
+    return q, k, v
 
-    Calls with an ``attention_mask`` or under context parallelism go through diffusers' own attention
-    dispatcher (as the stock processor does); capturing is not supported there.
-    """
 
-    _attention_backend = None  # set by transformer.set_attention_backend(); used only for masked calls
-    _parallel_config = None
+class FluxStyleProcessor(DispatchingProcessor):
+    """The base of the ``[text; image ...]`` processors of Flux.1 and Flux.2: the double-stream call (Flux.1's
+    single-stream blocks too) and the attention core. Subclasses give the output projections (:meth:`_output`)
+    and the family's name in error messages; Flux.2's parallel blocks have their own ``__call__``."""
 
-    def __init__(self, capture: FastCapture | None = None, slot: int | None = None, layer: int | None = None):
-        self.capture = capture
-        self.slot = slot
-        self.layer = layer
+    _family = "Flux"
 
     def __call__(
         self,
@@ -109,39 +84,48 @@ class FastFluxAttnProcessor:
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
         seg4diff_call: CallInfo | None = None,
     ):
-        from diffusers.models.embeddings import apply_rotary_emb
-
-        q, k, v, cq, ck, cv = _projections(attn, hidden_states, encoder_hidden_states)
-        head_dim = attn.head_dim
-        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))  # (B, N, H, D)
-        q = attn.norm_q(q)
-        k = attn.norm_k(k)
-        if attn.added_kv_proj_dim is not None:
-            cq, ck, cv = (t.unflatten(-1, (-1, head_dim)) for t in (cq, ck, cv))
-            cq = attn.norm_added_q(cq)
-            ck = attn.norm_added_k(ck)
-            q = torch.cat([cq, q], dim=1)
-            k = torch.cat([ck, k], dim=1)
-            v = torch.cat([cv, v], dim=1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-
+        q, k, v = flux_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
-        out = fused_attention(self, q, k, v, seg4diff_call, n_txt, attention_mask, "Flux")
-        out = out.flatten(2, 3).to(q.dtype)
+        out = self._attention(q, k, v, seg4diff_call, n_txt, attention_mask)
+        return self._output(attn, out.flatten(2, 3).to(q.dtype), n_txt)
 
-        if encoder_hidden_states is None:
+    def _output(self, attn, out: torch.Tensor, n_txt: int | None):
+        """The (B, N, H·D) attention output → the module's outputs; ``n_txt`` None: no text stream."""
+        raise NotImplementedError
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, info: CallInfo | None,
+                   n_txt: int | None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention core on (B, N, H, D) q, k, v after RoPE: the fused op (recording maps / text mass when
+        this layer asks), or diffusers' dispatcher for calls with an ``attention_mask`` or under context
+        parallelism. Returns (B, N, H, D). ``n_txt``: the text length this module sees (None: single-stream
+        blocks, whose text length is the call's)."""
+        capturing, measuring = self._wants(info)
+        if attention_mask is not None or self._parallel_config is not None:
+            if capturing:
+                raise NotImplementedError(f"fast capture: {self._family} calls with an attention_mask or context "
+                                          "parallelism cannot capture maps")
+            return self._dispatch(q, k, v, attention_mask)
+        if capturing or measuring:
+            self._check_text_layout(q.shape[1], info.n_txt if n_txt is None else n_txt, info)
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
+        return self._attend(qh, kh, vh, info).transpose(1, 2)  # (B, N, H, D)
+
+
+class FastFluxAttnProcessor(FluxStyleProcessor):
+    """Drop-in replacement for diffusers' ``FluxAttnProcessor`` (double- and single-stream blocks).
+
+    Calls with an ``attention_mask`` or under context parallelism go through diffusers' own attention
+    dispatcher (as the stock processor does); capturing is not supported there.
+    """
+
+    def _output(self, attn, out: torch.Tensor, n_txt: int | None):
+        if n_txt is None:  # single-stream: the block projects
             return out
-        n_txt = encoder_hidden_states.shape[1]
         context_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
         out = attn.to_out[0](out.contiguous())
         out = attn.to_out[1](out)
         context_out = attn.to_add_out(context_out.contiguous())
         return out, context_out
-
-    def __repr__(self) -> str:
-        return f"FastFluxAttnProcessor(layer={self.layer}, capturing={self.slot is not None})"
 
 
 _last_grid: list = [None, -1, None]  # weakref to the last img_ids tensor, its version, its grid

@@ -21,68 +21,23 @@ from __future__ import annotations
 
 import torch
 
-from .flux import _image_grid, _projections, fused_attention
-from .state import CallInfo, FastCapture
+from .flux import FluxStyleProcessor, _image_grid, _rope
+from .state import CallInfo
 
 
-def _rope(q: torch.Tensor, k: torch.Tensor, image_rotary_emb):
-    if image_rotary_emb is None:
-        return q, k
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    return (apply_rotary_emb(q, image_rotary_emb, sequence_dim=1),
-            apply_rotary_emb(k, image_rotary_emb, sequence_dim=1))
-
-
-class _Flux2Base:
-    _attention_backend = None  # set by transformer.set_attention_backend(); used only for masked calls
-    _parallel_config = None
-
-    def __init__(self, capture: FastCapture | None = None, slot: int | None = None, layer: int | None = None):
-        self.capture = capture
-        self.slot = slot
-        self.layer = layer
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(layer={self.layer}, capturing={self.slot is not None})"
-
-
-class FastFlux2AttnProcessor(_Flux2Base):
-    """Drop-in replacement for diffusers' ``Flux2AttnProcessor`` (double-stream blocks, ``[text; image]``).
+class FastFlux2AttnProcessor(FluxStyleProcessor):
+    """Drop-in replacement for diffusers' ``Flux2AttnProcessor`` (double-stream blocks, ``[text; image]``):
+    Flux.1's q, k, v and attention core; the text output through ``to_add_out``, the image's through ``to_out``.
 
     Calls with an ``attention_mask`` or under context parallelism go through diffusers' own attention
     dispatcher (as the stock processor does); capturing is not supported there.
     """
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-        seg4diff_call: CallInfo | None = None,
-    ):
-        q, k, v, cq, ck, cv = _projections(attn, hidden_states, encoder_hidden_states)
-        head_dim = attn.head_dim
-        q, k, v = (t.unflatten(-1, (-1, head_dim)) for t in (q, k, v))  # (B, N, H, D)
-        q = attn.norm_q(q)
-        k = attn.norm_k(k)
-        if attn.added_kv_proj_dim is not None and cq is not None:
-            cq, ck, cv = (t.unflatten(-1, (-1, head_dim)) for t in (cq, ck, cv))
-            cq = attn.norm_added_q(cq)
-            ck = attn.norm_added_k(ck)
-            q = torch.cat([cq, q], dim=1)
-            k = torch.cat([ck, k], dim=1)
-            v = torch.cat([cv, v], dim=1)
-        q, k = _rope(q, k, image_rotary_emb)
+    _family = "Flux.2"
 
-        n_txt = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else None
-        out = fused_attention(self, q, k, v, seg4diff_call, n_txt, attention_mask, "Flux.2")
-        out = out.flatten(2, 3).to(q.dtype)
-
+    def _output(self, attn, out: torch.Tensor, n_txt: int | None):
         context_out = None
-        if encoder_hidden_states is not None:
+        if n_txt is not None:
             context_out, out = out.split_with_sizes([n_txt, out.shape[1] - n_txt], dim=1)
             context_out = attn.to_add_out(context_out)
         out = attn.to_out[0](out)
@@ -90,9 +45,11 @@ class FastFlux2AttnProcessor(_Flux2Base):
         return out if context_out is None else (out, context_out)
 
 
-class FastFlux2ParallelSelfAttnProcessor(_Flux2Base):
+class FastFlux2ParallelSelfAttnProcessor(FluxStyleProcessor):
     """Drop-in replacement for diffusers' ``Flux2ParallelSelfAttnProcessor`` (single-stream parallel blocks):
     fused QKV + MLP-input projection, attention on the fused op, ``to_out`` of [attention; SwiGLU(MLP)]."""
+
+    _family = "Flux.2"
 
     def __call__(
         self,
@@ -112,7 +69,7 @@ class FastFlux2ParallelSelfAttnProcessor(_Flux2Base):
         k = attn.norm_k(k)
         q, k = _rope(q, k, image_rotary_emb)
 
-        out = fused_attention(self, q, k, v, seg4diff_call, None, attention_mask, "Flux.2")
+        out = self._attention(q, k, v, seg4diff_call, None, attention_mask)
         out = out.flatten(2, 3).to(q.dtype)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 

@@ -28,9 +28,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ..ops.joint_attention import joint_attention
-from .mass import attention_with_text_mass
-from .state import CallInfo, FastCapture
+from .processor import DispatchingProcessor
+from .state import CallInfo
 
 
 class _MaskLayout:
@@ -82,20 +81,12 @@ def _mask_layout(mask: torch.Tensor | None, n: int) -> _MaskLayout | None:
     return layout
 
 
-class FastQwenDoubleStreamAttnProcessor:
+class FastQwenDoubleStreamAttnProcessor(DispatchingProcessor):
     """Drop-in replacement for diffusers' ``QwenDoubleStreamAttnProcessor2_0`` (Qwen-Image, ``[text; image]``).
 
     Under context parallelism the call goes through diffusers' own attention dispatcher (with the stock
     processor's key mask); capturing is not supported there.
     """
-
-    _attention_backend = None  # set by transformer.set_attention_backend(); used only under context parallelism
-    _parallel_config = None
-
-    def __init__(self, capture: FastCapture | None = None, slot: int | None = None, layer: int | None = None):
-        self.capture = capture
-        self.slot = slot
-        self.layer = layer
 
     def __call__(
         self,
@@ -154,35 +145,21 @@ class FastQwenDoubleStreamAttnProcessor:
     # -----------------------------------------------------------------------------------------------
     def _attention(self, q, k, v, mask, info: CallInfo | None, n_txt: int) -> torch.Tensor:
         """(B, N, H, D) q, k, v after RoPE → (B, N, H, D) output; records maps / mass when asked."""
-        capture = self.capture
-        capturing = info is not None and self.slot is not None and capture is not None
-        measuring = info is not None and capture is not None and capture.measure_mass
+        capturing, measuring = self._wants(info)
         if self._parallel_config is not None:
             if capturing or measuring:
                 raise NotImplementedError("fast capture: Qwen-Image calls under context parallelism cannot capture")
-            from diffusers.models.attention_dispatch import dispatch_attention_fn
-
             attention_mask = None
             if mask is not None:
                 image = torch.ones(q.shape[0], q.shape[1] - n_txt, dtype=torch.bool, device=q.device)
                 attention_mask = torch.cat([mask.to(torch.bool), image], dim=1)[:, None, None, :]
-            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=self._attention_backend, parallel_config=self._parallel_config)
-        if (capturing or measuring) and (n_txt != info.n_txt or n_txt + info.n_img > q.shape[1]):
-            raise RuntimeError(
-                f"fast capture: block {self.layer} sees {q.shape[1]} tokens ({n_txt} text) but the call "
-                f"has {info.n_txt} text tokens and an image grid {info.grid}"
-            )
-        backend = capture.backend if capture is not None else None
+            return self._dispatch(q, k, v, attention_mask)
+        if capturing or measuring:
+            self._check_text_layout(q.shape[1], n_txt, info)
         layout = _mask_layout(mask, q.shape[1])
         if layout is None:
             qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
-            out, maps, part = self._fused_row(qh, kh, vh, info, capturing, measuring, backend, None)
-            if part is not None:
-                capture.record_mass(self.layer, part, info)
-            if maps is not None:
-                capture.record(self.slot, maps, info)
-            return out.transpose(1, 2)
+            return self._attend(qh, kh, vh, info).transpose(1, 2)
 
         outs, maps, mass = [], [], None
         cols = info.cols(q.device) - info.col0 if capturing else None  # captured text positions
@@ -194,7 +171,7 @@ class FastQwenDoubleStreamAttnProcessor:
             if capturing or measuring:  # the gathered row: [valid text; image]
                 sub = CallInfo(info.index, info.step, info.grid, nv, nv, 0, info.positions, None)
             row_cols = layout.rank[b].index_select(0, cols) if capturing else None
-            o, m, part = self._fused_row(qb, kb, vb, sub, capturing, measuring, backend, row_cols)
+            o, m, part = self._core(qb, kb, vb, sub, capturing, measuring, row_cols)
             if masked.numel():  # masked-out text rows: plain attention over the gathered (valid) keys
                 qm = q[b:b + 1].index_select(1, masked).transpose(1, 2)
                 o = torch.cat([o, F.scaled_dot_product_attention(qm, kb, vb).to(o.dtype)], dim=2)
@@ -204,30 +181,10 @@ class FastQwenDoubleStreamAttnProcessor:
             if part is not None and (kept is None or b in kept):  # a forced CFG rule keeps the second half
                 mass = part if mass is None else mass + part
         if measuring:
-            capture.record_mass(self.layer, mass, info)
+            self.capture.record_mass(self.layer, mass, info)
         if capturing:
-            capture.record(self.slot, torch.cat(maps, dim=0), info)
+            self.capture.record(self.slot, torch.cat(maps, dim=0), info)
         return torch.cat(outs, dim=0).transpose(1, 2)
-
-    def _fused_row(self, qh, kh, vh, info, capturing, measuring, backend, cols):
-        """The fused op on (B', H, n, D) tensors whose layout ``info`` describes: (out, maps or None,
-        mass part or None); ``cols`` the captured key columns (default: ``info``'s)."""
-        capture = self.capture
-        out = maps = part = None
-        if measuring:
-            out, part = attention_with_text_mass(qh, kh, vh, info, backend)
-        if capturing:
-            o, maps = joint_attention(
-                qh, kh, vh, capture_cols=info.cols(qh.device) if cols is None else cols, capture_rows=info.rows,
-                mode=capture.mode, head_reduce=capture.head_reduce, backend=backend,
-            )
-            out = o if out is None else out
-        if out is None:
-            out, _ = joint_attention(qh, kh, vh, backend=backend)
-        return out, maps, part
-
-    def __repr__(self) -> str:
-        return f"FastQwenDoubleStreamAttnProcessor(layer={self.layer}, capturing={self.slot is not None})"
 
 
 def _first_image_shape(img_shapes) -> tuple[int, int, int]:

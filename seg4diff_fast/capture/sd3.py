@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.joint_attention import joint_attention
-from .mass import attention_with_text_mass
-from .state import CallInfo, FastCapture
+from .processor import FastProcessor
+from .state import CallInfo
 
 
 def _heads_first(x: torch.Tensor, batch: int, heads: int, head_dim: int) -> torch.Tensor:
@@ -70,18 +69,9 @@ def joint_output(attn, out: torch.Tensor, n_img: int, with_text: bool, dtype: to
     return attn.to_out[1](attn.to_out[0](out)), context_out
 
 
-class FastJointAttnProcessor:
-    """Drop-in replacement for diffusers' ``JointAttnProcessor2_0`` (SD3, SD3.5) running on the fused op.
-
-    Args:
-        capture: the :class:`FastCapture` this layer records into, or None.
-        slot: this layer's position in ``capture.layers`` when it captures, else None.
-    """
-
-    def __init__(self, capture: FastCapture | None = None, slot: int | None = None, layer: int | None = None):
-        self.capture = capture
-        self.slot = slot
-        self.layer = layer
+class FastJointAttnProcessor(FastProcessor):
+    """Drop-in replacement for diffusers' ``JointAttnProcessor2_0`` (SD3, SD3.5) running on the fused op
+    (arguments: :class:`~.processor.FastProcessor`)."""
 
     def __call__(
         self,
@@ -94,32 +84,14 @@ class FastJointAttnProcessor:
         n_img = hidden_states.shape[1]
         q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
 
-        capture = self.capture
-        info = seg4diff_call
-        with_text = info is not None and encoder_hidden_states is not None and capture is not None
-        if with_text and info.n_img != n_img:
+        info = seg4diff_call if encoder_hidden_states is not None else None  # image-only calls record nothing
+        if info is not None and self.capture is not None and info.n_img != n_img:
             raise RuntimeError(
                 f"fast capture: block {self.layer} sees {n_img} image tokens but the call's latent grid "
                 f"{info.grid} has {info.n_img}"
             )
-        out = None
-        if with_text and capture.measure_mass:
-            out, part = attention_with_text_mass(q, k, v, info, capture.backend)
-            capture.record_mass(self.layer, part, info)
-        if with_text and self.slot is not None:
-            o, maps = joint_attention(
-                q, k, v, capture_cols=info.cols(q.device), capture_rows=info.rows,
-                mode=capture.mode, head_reduce=capture.head_reduce, backend=capture.backend,
-            )
-            out = o if out is None else out
-            capture.record(self.slot, maps, info)
-        if out is None:
-            out, _ = joint_attention(q, k, v, backend=capture.backend if capture is not None else None)
-
+        out = self._attend(q, k, v, info)
         return joint_output(attn, out, n_img, encoder_hidden_states is not None, q.dtype)
-
-    def __repr__(self) -> str:
-        return f"FastJointAttnProcessor(layer={self.layer}, capturing={self.slot is not None})"
 
 
 def sd3_call_geometry(transformer, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):

@@ -28,7 +28,7 @@ from .families import (
     tiny_qwenimage_pipeline,
     tiny_qwenimage_transformer,
 )
-from .reference import attention_module_name, record_stock_attention, reference_maps
+from .reference import attention_module_name, record_stock_attention, reference_maps, reference_mass
 from .tiny import (
     SPLIT_WORDS,
     WORDS,
@@ -50,6 +50,7 @@ __all__ = [
     "prompt_token_span",
     "record_stock_attention",
     "reference_maps",
+    "reference_mass",
     "text_sequence_length",
     "tiny_clip_tokenizer",
     "tiny_flux2_pipeline",
