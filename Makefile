@@ -10,6 +10,10 @@ PIP          := $(PY) -m pip
 STAMP        := $(VENV)/.seg4diff-fast-installed
 OUT          ?= out
 BENCH_DEVICE ?= cpu
+# `make bench` writes its JSON under $(BENCH_OUT) (git-ignored) and touches no tracked file;
+# `make bench SAVE=1` writes benchmarks/results/*.json and the table in benchmarks/README.md (tracked).
+BENCH_OUT    ?= $(OUT)/bench
+SAVE         ?=
 
 .PHONY: install test demo bench lint clean
 
@@ -18,7 +22,8 @@ install: $(STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch before the package: the package's build imports it (no build isolation, which would fetch a CUDA torch).
+# torch before the package: the package's build imports it for seg4diff_fast._C. Without --no-build-isolation pip
+# builds in a fresh environment without torch and quietly (shown only with pip -v) leaves _C out.
 $(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install "setuptools>=64" wheel ninja
 	$(PIP) install "$(TORCH_SPEC)"
@@ -33,8 +38,14 @@ demo: $(STAMP)
 	$(VENV)/bin/seg4diff-fast demo --out $(OUT)/demo
 
 bench: $(STAMP)
+ifeq ($(SAVE),1)
 	$(PY) benchmarks/bench_attention.py --device $(BENCH_DEVICE)
 	$(PY) benchmarks/bench_upsample_argmax.py
+else
+	$(PY) benchmarks/bench_attention.py --device $(BENCH_DEVICE) --out $(BENCH_OUT)/attention_$(BENCH_DEVICE).json --no-readme
+	$(PY) benchmarks/bench_upsample_argmax.py --out $(BENCH_OUT)/upsample_argmax_cpu.json
+	@echo "results in $(BENCH_OUT)/ (make bench SAVE=1 writes benchmarks/results/ and benchmarks/README.md)"
+endif
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

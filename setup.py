@@ -3,11 +3,13 @@
 The extension (``csrc/*.cpp``) is built with ``torch.utils.cpp_extension`` when torch and a C++
 compiler are available at build time. It is optional: if torch is missing from the build environment,
 there is no compiler, or compilation fails, a warning is printed and the install goes on without it;
-``seg4diff_fast`` then uses its pure-torch fallbacks.
+``seg4diff_fast`` then uses its pure-torch fallbacks. pip shows a build's output, and so this warning,
+only with ``pip -v``; ``seg4diff-fast --version`` tells whether ``_C`` was built.
 
 torch must be installed *before* this package, and the build must see it, so install with
-``pip install --no-build-isolation .`` (build isolation would pull a second, CUDA, torch into a
-temporary build environment).
+``pip install --no-build-isolation .``. With build isolation (a plain ``pip install .`` / ``pip wheel .``)
+pip builds in a fresh environment holding only ``[build-system] requires`` (setuptools, wheel; no torch,
+and none is downloaded): the extension is left out and a pure-Python ``py3-none-any`` wheel is built.
 
 Metadata, dependencies and tool settings live in ``pyproject.toml``; this file only describes what is
 built and where the top-level ``kernels/`` folder goes (``seg4diff_fast.kernels``).

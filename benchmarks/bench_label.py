@@ -16,9 +16,19 @@ differ only where float rounding of batched vs single calls flips a near-tie). O
 cuda``), the share of wall time the GPU is busy during ``label`` (union of kernel intervals from
 ``torch.profiler``, over the whole call and over the span from the first to the last kernel).
 
-    python benchmarks/bench_label.py                                   # CPU -> benchmarks/results/label_cpu.json
+    python benchmarks/bench_label.py                                   # CPU -> out/bench/label_cpu.json
+    python benchmarks/bench_label.py --save                            # -> benchmarks/results/ and LABEL.md
     python benchmarks/bench_label.py --device cuda --heads 24 --dtype float16 --resolutions 1024 \\
         --images 256 --json benchmarks/results/label_cuda.json
+
+Threads × workers of the ``label`` command itself (``--threads-sweep``: the embedded ShapesWorld pipeline,
+200 scenes, each setting in a fresh process, ``--load N`` busy loops meanwhile; see ``bench_cli_threads.py``):
+
+    python benchmarks/bench_label.py --threads-sweep [--load 2] [--tree /tmp/head] --save
+        # -> benchmarks/results/label_cpu_threads.json (without --save: out/bench/)
+
+Without ``--save`` nothing tracked is written: the JSON goes to ``out/bench/`` (git-ignored) and LABEL.md is
+left alone.
 """
 
 from __future__ import annotations
@@ -43,8 +53,10 @@ from bench_segment import bench_pipeline  # noqa: E402
 
 from seg4diff_fast import Seg4DiffSegmenter, label_images  # noqa: E402
 from seg4diff_fast.label.outputs import encode_labels  # noqa: E402
+from seg4diff_fast.utils.parallel import plan_parallelism  # noqa: E402
 
 CLASSES = "cat,dog,sofa,tree,sky,grass,road,house,car,person,water,table,bird,red,blue,green"
+SCRATCH = os.path.join(os.path.dirname(HERE), "out", "bench")  # git-ignored
 MARK_START, MARK_END = "<!-- bench_label:start -->", "<!-- bench_label:end -->"
 
 
@@ -191,14 +203,34 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--classes", default=CLASSES)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: plan_parallelism's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: plan_parallelism's)")
     p.add_argument("--model", help="a real SD3 diffusers folder instead of the width-reduced random model")
-    p.add_argument("--json", default=os.path.join(HERE, "results", "label_cpu.json"))
-    p.add_argument("--markdown", default=os.path.join(HERE, "LABEL.md"))
+    p.add_argument("--save", action="store_true",
+                   help="write benchmarks/results/ and LABEL.md (tracked); default: out/bench/ only")
+    p.add_argument("--json", help="output JSON (default: label_cpu.json, or label_cpu_threads.json with "
+                                  "--threads-sweep, in benchmarks/results/ with --save, else out/bench/)")
+    p.add_argument("--markdown", help="markdown file for the table (default: LABEL.md with --save, else none)")
+    p.add_argument("--threads-sweep", action="store_true",
+                   help="time the `label` command per threads x workers setting instead (bench_cli_threads.py)")
+    p.add_argument("--load", type=int, default=0, help="--threads-sweep: busy-loop processes meanwhile")
+    p.add_argument("--tree", help="--threads-sweep: the source tree to run (default: this one)")
+    p.add_argument("--tree-name", help="--threads-sweep: its name in the JSON (default: its commit)")
+    p.add_argument("--repeats", type=int, default=3, help="--threads-sweep: runs per setting")
     args = p.parse_args(argv)
+    out_dir = os.path.join(HERE, "results") if args.save else SCRATCH
+    if args.threads_sweep:
+        import bench_cli_threads
+
+        sweep = ["--commands", "label", "--images", "200", "--repeats", str(args.repeats), "--load", str(args.load),
+                 "--json", args.json or os.path.join(out_dir, "label_cpu_threads.json")]
+        sweep += ["--tree", args.tree] if args.tree else []
+        return bench_cli_threads.main(sweep + (["--tree-name", args.tree_name] if args.tree_name else []))
+    args.json = args.json or os.path.join(out_dir, "label_cpu.json")
+    args.markdown = args.markdown or (os.path.join(HERE, "LABEL.md") if args.save else None)
     args.dtype = getattr(torch, args.dtype)
-    torch.set_num_threads(args.threads)
+    par = plan_parallelism(args.threads, args.workers).apply()
+    args.threads, args.workers = par.threads, par.workers
     pipe = bench_pipeline(args)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -224,7 +256,9 @@ def main(argv=None) -> dict:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
-    write_markdown(args.markdown, result)
+    if args.markdown:
+        write_markdown(args.markdown, result)
+    print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
     return result
 
 

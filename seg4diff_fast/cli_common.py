@@ -36,14 +36,20 @@ def add_model_arguments(p: argparse.ArgumentParser, *, lora: bool = True) -> Non
 
 def add_parallel_arguments(p: argparse.ArgumentParser, *, workers: bool = True) -> None:
     """``--threads`` and (optionally) ``--workers``; defaults from the cores (:func:`parallelism`)."""
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: the cores the workers leave)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores the workers leave)")
     if workers:
-        p.add_argument("--workers", type=int,
-                       help="data-loading worker processes (default: 0 on <= 2 cores, else min(4, cores/4))")
+        p.add_argument("--workers", type=int, metavar="N",
+                       help="image-loading worker processes (default: 0 on <= 2 cores, else min(4, cores/4))")
 
 
 def parallelism(args: argparse.Namespace, uses_workers: bool = True) -> Any:
-    """The run's threads × workers (applied to torch); raises :class:`CLIError` for bad values."""
+    """The run's threads × workers (:class:`~seg4diff_fast.utils.parallel.Parallelism`), applied to torch
+    (``torch.set_num_threads``); raises :class:`CLIError` for bad values.
+
+    Call it once at the start of ``run`` (before loading the model) and pass ``.workers`` on, e.g.
+    ``label_images(..., workers=par.workers)``; ``uses_workers=False`` for commands without a DataLoader.
+    """
     from .utils.parallel import plan_parallelism
 
     try:
@@ -76,16 +82,19 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
     device = device if device is not None else getattr(args, "device", None)
     check_device(device)
     quiet_loading()
+    import os
+
     model = getattr(args, "model", None)
+    if model is not None and not os.path.exists(model) and not _looks_like_hub_id(model):
+        raise CLIError(f"--model {model}: no such folder; give a local diffusers folder (with model_index.json) "
+                       "or a hub id such as stabilityai/stable-diffusion-3-medium-diffusers")
     try:
         pipe = load_pipeline(model, dtype or getattr(args, "dtype", "auto"), device)
     except ModelNotAvailableError as e:
         raise CLIError(str(e)) from None
-    except ValueError as e:  # an unsupported pipeline class, a bad dtype
-        raise CLIError(f"--model {model}: {e}") from None
     except Exception as e:  # noqa: BLE001 — diffusers / huggingface_hub raise many types for a bad path or id
-        import os
-
+        if isinstance(e, ValueError) and "not a supported pipeline" in str(e) or "dtype must be" in str(e):
+            raise CLIError(f"--model {model}: {e}") from None  # an unsupported pipeline class, a bad dtype
         if model is not None and os.path.isdir(model):
             raise CLIError(f"--model {model}: not a loadable diffusers folder ({type(e).__name__}: {_first_line(e)}); "
                            "it needs model_index.json and the components it lists") from None

@@ -25,6 +25,8 @@ import argparse
 import os
 import sys
 
+from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, check_device, load_model, parallelism
+
 HELP = "evaluate zero-shot / unsupervised segmentation on a benchmark or a whole paper table (--preset)"
 
 DATASET_CHOICES = ("voc20", "voc21", "coco-object", "context59", "context59-bg", "ade150", "cityscapes",
@@ -55,10 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", help="label folder (overrides the standard layout; required for folder)")
     p.add_argument("--classes", help="folder: JSON list of class names (index = label id)")
     p.add_argument("--ignore-index", type=int, default=255, help="ground-truth label not scored (255)")
-    p.add_argument("--model", help="local diffusers folder or hub id (default: the embedded ShapesWorld pipeline; "
-                                   "required with --preset)")
-    p.add_argument("--lora", help="MAGNET LoRA to load into the model: a folder / .safetensors written by "
-                                  "`seg4diff-fast magnet`, or the authors' lora_weights.pth")
+    add_model_arguments(p)  # --model (required with --preset), --lora, --dtype, --device
     p.add_argument("--protocol", choices=("open-vocab", "unsupervised"),
                    help="default: the dataset's table in the paper (unsupervised for voc21, context59-bg, "
                         "coco-stuff27)")
@@ -77,14 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="num_inference_steps (default: the model's; 28 for SD3, 50 for Flux.1)")
     p.add_argument("--noise-step", type=int, help="t = timesteps[-noise_step] (default: the model's; 8)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--pre-resize", type=int, default=None,
                    help="resize the short side to this first (the authors' test mapper, 640, the default); 0: off")
     p.add_argument("--threshold", type=float, default=None, help="unsupervised KL threshold (0.1)")
     p.add_argument("--power", type=float, default=None, help="unsupervised power p (1.0)")
     p.add_argument("--batch-size", type=int, default=1, help="images per transformer call (1)")
     p.add_argument("--limit", type=int, help="evaluate at most N images (per dataset)")
+    add_parallel_arguments(p, workers=False)  # images are read in the main process, one batch at a time
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default=None,
                    help="results JSON (default: results.json); with --preset a folder (default: eval_<preset>)")
@@ -112,19 +110,23 @@ def _segmenter(reader, layers, short_side, batch_size, protocol):
 
 
 def _load(args: argparse.Namespace):
-    """(pipe, reader) for --model / --lora and the reader settings."""
-    from .models import load_pipeline, quiet_loading
+    """(pipe, reader) for --model / --lora (:func:`~seg4diff_fast.cli_common.load_model`: every failure one
+    :class:`CLIError` line) and the reader settings."""
     from .reader import PipelineReader
 
-    quiet_loading()
-    pipe = load_pipeline(args.model, args.dtype, args.device)
-    if args.lora:
-        from .magnet.lora import load_magnet_lora
-
-        pipe = load_magnet_lora(pipe, args.lora)
+    pipe = load_model(args)
     reader = PipelineReader(pipe, num_inference_steps=args.steps, noise_step=args.noise_step,
                             resolution=args.resolution, seed=args.seed)
     return pipe, reader
+
+
+def _provenance(args: argparse.Namespace, pipe) -> dict:
+    """The model's record (:func:`~seg4diff_fast.utils.provenance.model_record`) with the LoRA read into it."""
+    from .utils.provenance import model_record
+
+    record = model_record(pipe, args.model)
+    record["lora"] = os.path.abspath(args.lora) if args.lora else None
+    return record
 
 
 def _settings(args: argparse.Namespace, segmenter, pre_resize: int | None) -> dict:
@@ -139,8 +141,17 @@ def _settings(args: argparse.Namespace, segmenter, pre_resize: int | None) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.preset is not None:
-        return _run_preset(args)
+    try:
+        check_device(args.device)  # before anything loads
+        parallelism(args, uses_workers=False)
+        if args.preset is not None:
+            return _run_preset(args)
+        return _run_dataset(args)
+    except CLIError as e:
+        return _fail(str(e))
+
+
+def _run_dataset(args: argparse.Namespace) -> int:
     from .evaluation.datasets import DATASETS, SegDataset, load_classnames
     from .evaluation.runner import evaluate
     from .models import ModelNotAvailableError
@@ -163,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
             protocol = args.protocol or DATASETS[args.dataset].protocol
         if args.limit is not None and args.limit < 1:
             return _fail("--limit must be >= 1")
-        _, reader = _load(args)
+        pipe, reader = _load(args)
         layers = args.layers if args.layers is not None else [reader.defaults.layer]
         if layers != "all":
             layers = list(reader.check_layers(layers, "--layers"))
@@ -175,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError, ModelNotAvailableError, OSError) as e:
         return _fail(str(e))
 
-    result["model"] = args.model
+    record = _provenance(args, pipe)
+    result["model"] = record["model"]
     result["settings"] = _settings(args, segmenter, pre_resize)
+    result["provenance"] = record
     print(_table(result))
     if "per_layer" in result:
         print("mIoU per layer: " + ", ".join(f"{k}: {'n/a' if v is None else f'{v:.2f}'}"
@@ -210,7 +223,7 @@ def _run_preset(args: argparse.Namespace) -> int:
         return _fail("--limit must be >= 1")
     pre_resize = preset.pre_resize if args.pre_resize is None else (args.pre_resize or None)
     try:
-        _, reader = _load(args)
+        pipe, reader = _load(args)
         if reader.family.name != preset.family:
             return _fail(f"--preset {preset.name} reads a {preset.family} pipeline (the paper's model: "
                          f"{preset.model}); --model {args.model} is a {reader.family.name} pipeline")
@@ -227,8 +240,9 @@ def _run_preset(args: argparse.Namespace) -> int:
         ("noise_step", segmenter.noise_step, preset.noise_step), ("limit", args.limit, None),
         ("threshold", args.threshold, None), ("power", args.power, None),
         ("protocol", args.segmenter_protocol, "paper")) if value != paper}
-    report.update(model=args.model, paper_model=preset.model, layers=layers, root=args.root,
-                  settings=_settings(args, segmenter, pre_resize), overrides=overrides)
+    record = _provenance(args, pipe)
+    report.update(model=record["model"], paper_model=preset.model, layers=layers, root=args.root,
+                  settings=_settings(args, segmenter, pre_resize), overrides=overrides, provenance=record)
     if preset.lora:
         report["paper_lora"] = preset.lora
     if preset.note:

@@ -7,6 +7,9 @@ scenes with their captions as prompts, and the grounding sweep runs on --scenes 
 scenes with ≥ 2 objects; B: background included, all scenes). Any other SD3 model (--model) gets the
 mass analysis only, on synthetic ShapesWorld images stretched to the model's resolution (there is no
 labelled data to sweep grounding on; the images are out of domain for it, and the report says so).
+Progress bars on stderr follow both stages (--no-progress turns them off). layers.json records the model
+(``model``: the resolved path of the embedded one too, or the hub id; ``lora``; ``provenance``), the model's
+expert ``layer``, the ``protocol`` and the ``package_version``.
 
 Example:
     seg4diff-fast layers --scenes 200 --out out/layers
@@ -20,11 +23,13 @@ import math
 import os
 import sys
 
+from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, load_model, parallelism
+
 HELP = "layer analysis: attention mass (I2I/I2T/T2I/T2T) and grounding mIoU per block and head"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local diffusers folder or hub id (default: the embedded ShapesWorld pipeline)")
+    add_model_arguments(p)
     p.add_argument("--scenes", type=int, default=200, help="held-out ShapesWorld scenes for the grounding sweep (200)")
     p.add_argument("--mass-scenes", type=int, default=16, help="images the attention mass is averaged over (16)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the segmenter's; 0)")
@@ -32,10 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip layers.png (no matplotlib needed)")
     p.add_argument("--resolution", type=int, help="model input side (default: the model's; 1024 for SD3)")
     p.add_argument("--batch-size", type=int, default=8, help="images per transformer call (8)")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, float16 on CUDA), float32, float16, bfloat16")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest for the "
-                   "tiny model on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_parallel_arguments(p, workers=False)
 
 
 def _fail(msg: str) -> int:
@@ -44,44 +47,48 @@ def _fail(msg: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .evaluation.layers import attention_block_mass, format_layer_table, write_layer_report
-    from .models import ModelNotAvailableError, default_model_path, load_pipeline, quiet_loading
+    try:
+        return _run(args)
+    except CLIError as e:
+        return _fail(str(e))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .evaluation.layers import attention_block_mass, format_layer_table, transformer_progress, write_layer_report
     from .reader import MODEL_CONFIG_FILE, resolve_defaults
-    from .shapes.grounding import layer_sweep
+    from .shapes.grounding import layer_sweep, protocol_rows
     from .shapes.train import heldout_scenes
     from .shapes.world import ShapesWorld
+    from .utils.provenance import model_record
 
     if args.scenes < 1 or args.mass_scenes < 1:
-        return _fail("--scenes and --mass-scenes must be >= 1")
+        raise CLIError("--scenes and --mass-scenes must be >= 1")
     if args.batch_size < 1:
-        return _fail("--batch-size must be >= 1")
-    if args.threads is not None:
-        if args.threads < 1:
-            return _fail("--threads must be >= 1")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    try:
-        path = args.model or default_model_path()
-        quiet_loading()
-        pipe = load_pipeline(path, args.dtype, args.device)
-    except ModelNotAvailableError as e:
-        return _fail(str(e))
-    except (OSError, ValueError) as e:
-        return _fail(f"cannot load the model {args.model!r}: {e}")
+        raise CLIError("--batch-size must be >= 1")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out}: a file is in the way; give a folder")
+    parallelism(args, uses_workers=False)
+    pipe = load_model(args)
     defaults = resolve_defaults(pipe)
     shapes = defaults.source.endswith(MODEL_CONFIG_FILE)  # a ShapesWorld model: its held-out scenes are labelled
     kw = {"resolution": args.resolution, "seed": args.seed, "batch_size": args.batch_size}
-    result: dict = {"model": path}
+    show = not args.no_progress
+    provenance = model_record(pipe, args.model)
+    provenance["lora"] = os.path.abspath(args.lora) if args.lora else None
+    result: dict = {"model": provenance["model"], "lora": provenance["lora"], "layer": defaults.layer,
+                    "protocol": "paper", "package_version": provenance["package_version"], "provenance": provenance}
     try:
         if shapes:
             size = defaults.resolution
             mass_scenes = heldout_scenes(args.mass_scenes, size)
             result["mass"] = attention_block_mass(pipe, [s.image for s in mass_scenes],
-                                                  [s.caption for s in mass_scenes], **kw)
+                                                  [s.caption for s in mass_scenes], progress=show, **kw)
             result["mass"]["images"] = (f"ShapesWorld held-out scenes 0..{args.mass_scenes - 1}, "
                                         "captions as prompts")
-            result["sweep"] = layer_sweep(pipe, heldout_scenes(args.scenes, size), **kw)
+            sweep_scenes = heldout_scenes(args.scenes, size)
+            with transformer_progress(pipe, [len(protocol_rows(s)) for s in sweep_scenes], "grounding sweep",
+                                      "scene", enabled=show):
+                result["sweep"] = layer_sweep(pipe, sweep_scenes, **kw)
             result["sweep"]["scenes"] = f"ShapesWorld held-out scenes 0..{args.scenes - 1}"
         else:
             note = ("not a ShapesWorld model: only the attention-mass analysis is run, on synthetic ShapesWorld "
@@ -90,15 +97,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"seg4diff-fast layers: note: {note}", file=sys.stderr)
             scenes = [ShapesWorld(i, 64).sample() for i in range(args.mass_scenes)]
             result["note"] = note
-            result["mass"] = attention_block_mass(pipe, [s.image for s in scenes], [s.caption for s in scenes], **kw)
+            result["mass"] = attention_block_mass(pipe, [s.image for s in scenes], [s.caption for s in scenes],
+                                                  progress=show, **kw)
             result["mass"]["images"] = f"synthetic ShapesWorld scenes 0..{args.mass_scenes - 1} (64 px, stretched)"
     except (TypeError, ValueError) as e:
-        return _fail(str(e))
+        raise CLIError(str(e)) from None
     try:
-        paths = write_layer_report(result, args.out, plot=not args.no_plot)
-    except ImportError as e:
-        print(f"seg4diff-fast layers: warning: {e}; writing the report without layers.png", file=sys.stderr)
-        paths = write_layer_report(result, args.out, plot=False)
+        try:
+            paths = write_layer_report(result, args.out, plot=not args.no_plot)
+        except ImportError as e:
+            print(f"seg4diff-fast layers: warning: {e}; writing the report without layers.png", file=sys.stderr)
+            paths = write_layer_report(result, args.out, plot=False)
+    except OSError as e:
+        raise CLIError(f"cannot write to {args.out}: {e}") from None
     print(format_layer_table(result))
     sweep = result.get("sweep")
     if sweep is not None:

@@ -11,14 +11,31 @@ One device as is, several with accelerate:
 
 --paper (default) trains as the authors' code does; --corrected with this package's choices
 (docs/PAPER_PROTOCOL_MAGNET.md).
+
+Every argument is checked before anything is written (a bad one leaves no OUT folder). On ShapesWorld data
+the run ends with the trained layer's mIoU (protocols A and B) on --heldout-scenes held-out scenes, before
+and after, the saved LoRA loaded into a fresh pipeline as `eval --lora` would (--no-heldout skips it);
+summary.json records it with the model, its hash, the layer, the protocol and the package version.
+A --max-steps no longer than --warmup-steps is trained as asked, with a one-line warning (the learning rate
+then never leaves the linear warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 
+from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, check_device, load_model, parallelism
+
+#: held-out ShapesWorld scenes for the before/after mIoU (a few dozen: seconds on the embedded model)
+HELDOUT_SCENES = 48
+
 HELP = "MAGNET LoRA fine-tuning (shapes | coco:DIR | sa1b:DIR), resumable, accelerate for several GPUs"
+
+#: what ``magnet`` imports from the [train] extras (pycocotools only for COCO / SA-1B masks)
+TRAIN_EXTRAS = ("accelerate", "peft")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,13 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "(docs/PAPER_PROTOCOL_MAGNET.md)")
     p.set_defaults(protocol=None)  # the model's: paper for SD3 (the family the authors trained), else corrected
     p.add_argument("--out", help="output folder")
-    p.add_argument("--model", help="local diffusers folder or hub id (default: the embedded ShapesWorld pipeline)")
+    add_model_arguments(p, lora=False)  # --dtype auto: float32 here (the training precision is --mixed-precision)
     p.add_argument("--layer", type=int, help="expert layer (default: the model's; 9 for SD3)")
     p.add_argument("--max-steps", type=int, default=3000, help="optimizer steps (3000)")
     p.add_argument("--batch-size", type=int, default=8, help="images per device per micro-step (8)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (1)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (1e-4, the authors' code)")
-    p.add_argument("--warmup-steps", type=int, default=500, help="linear warm-up, then cosine (500)")
+    p.add_argument("--warmup-steps", type=int, default=500,
+                   help="linear warm-up, then cosine (500); longer than --max-steps: a warning, kept as given")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (16); alpha = --alpha (16)")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lambda-focal", type=float, default=0.1)
@@ -53,9 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--max-grad-norm", type=float, default=0.01, help="gradient-norm clip (0.01; 0: off)")
     p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0)")
+    add_parallel_arguments(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
+    p.add_argument("--heldout-scenes", type=int, default=HELDOUT_SCENES,
+                   help=f"ShapesWorld data: held-out scenes the trained layer's mIoU is measured on before and "
+                        f"after ({HELDOUT_SCENES})")
+    p.add_argument("--no-heldout", action="store_true", help="skip the held-out before/after mIoU")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -64,17 +86,60 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _warn(msg: str) -> None:
+    print(f"seg4diff-fast magnet: warning: {msg}", file=sys.stderr)
+
+
+def require_train_extras(data: str | None = None) -> None:
+    """Refuse to start without the [train] extras, naming the missing module and the install command."""
+    names = TRAIN_EXTRAS + (("pycocotools",) if str(data or "").split(":", 1)[0].lower() in ("coco", "sa1b", "sa-1b")
+                            else ())
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing = getattr(e, "name", None) or name
+            raise CLIError(f"magnet needs the [train] extras ({missing} is missing): pip install "
+                           "'seg4diff-fast[train]'") from None
+
+
+def warmup_warning(max_steps: int, warmup_steps: int) -> str | None:
+    """The one-line warning for a warm-up as long as the run or longer (None when the run leaves it)."""
+    if warmup_steps <= 0 or max_steps > warmup_steps:
+        return None
+    peak = max_steps / warmup_steps
+    return (f"--max-steps {max_steps} <= --warmup-steps {warmup_steps}: the learning rate never leaves the linear "
+            f"warm-up (it peaks at {100 * peak:.0f} % of --lr) and the cosine decay never starts; pass e.g. "
+            f"--warmup-steps {max_steps // 10} for warm-up then cosine")
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except CLIError as e:
+        return _fail(str(e))
+
+
+def _run(args: argparse.Namespace) -> int:
+    # cheap checks first: nothing loads and nothing is written until every argument is known to be good
     if not args.data:
-        return _fail("--data is required: shapes, shapes:N, coco:DIR or sa1b:DIR")
+        raise CLIError("--data is required: shapes, shapes:N, coco:DIR or sa1b:DIR")
     if not args.out:
-        return _fail("--out DIR is required")
+        raise CLIError("--out DIR is required")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out}: a file is in the way; give a folder")
+    if args.heldout_scenes < 1:
+        raise CLIError("--heldout-scenes must be >= 1 (--no-heldout skips the measurement)")
+    par = parallelism(args)
+    check_device(args.device)
+    require_train_extras(args.data)
 
-    from .magnet import MagnetConfig, train_magnet
+    from .magnet import MagnetConfig, ShapesMagnetData, train_magnet
     from .magnet.data import open_magnet_data
-    from .models import ModelNotAvailableError, quiet_loading
+    from .magnet.train import check_precision
+    from .models import ModelNotAvailableError
 
-    try:  # cheap checks before the model loads
+    try:
         if args.protocol is None:
             from .reader import model_family
             from .shapes.shipped import resolve_model
@@ -86,14 +151,33 @@ def run(args: argparse.Namespace) -> int:
             lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps, batch_size=args.batch_size,
             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None, resolution=args.resolution,
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-            seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=args.workers,
+            seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=par.workers,
         )
+        import torch
+
+        on_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
+        check_precision(cfg.mixed_precision, on_cpu)
         data = open_magnet_data(args.data, protocol=args.protocol)
-        quiet_loading()
-        summary = train_magnet(args.model, data, cfg, output_dir=args.out, resume=args.resume,
-                               progress=not args.no_progress)
-    except (ValueError, TypeError, FileExistsError, FileNotFoundError, ModelNotAvailableError) as e:
-        return _fail(str(e))
+    except (ValueError, TypeError, ModelNotAvailableError) as e:
+        raise CLIError(str(e).removeprefix("MagnetConfig: ")) from None
+    warning = warmup_warning(cfg.max_steps, cfg.warmup_steps)
+    if warning:
+        _warn(warning)
+
+    # float32 weights unless asked otherwise (the trained transformer is float32 without mixed precision)
+    dtype = "float32" if args.dtype == "auto" else args.dtype
+    pipe = load_model(args, device=_load_device(args.device), dtype=dtype)
+    existed = os.path.exists(args.out)
+    try:
+        summary = train_magnet(pipe, data, cfg, output_dir=args.out, resume=args.resume,
+                               progress=not args.no_progress, device=args.device)
+    except (ValueError, TypeError, FileExistsError, FileNotFoundError) as e:
+        if not existed and os.path.isdir(args.out) and not os.listdir(args.out):
+            os.rmdir(args.out)  # a failure before the first file: leave no empty folder behind
+        raise CLIError(str(e)) from None
+    del pipe
+    if not _is_main_process():
+        return 0
     final = summary["final"]
     print(f"MAGNET: {summary['steps'] - summary['resumed_from']} steps in {summary['seconds']:.1f} s "
           f"(layer {summary['config']['layer']}, protocol {summary['config']['protocol']}); "
@@ -102,4 +186,45 @@ def run(args: argparse.Namespace) -> int:
           f"dice {final.get('dice', float('nan')):.4f}); LoRA in {args.out}")
     if summary["skipped"]:
         print(f"samples without a mask loss: {summary['skipped']}")
+    if isinstance(data, ShapesMagnetData) and not args.no_heldout:
+        _heldout(args, data, summary)
     return 0
+
+
+def _load_device(device: str | None) -> str | None:
+    """Where the model loads: --device, or under ``accelerate launch`` this process's GPU (not all on GPU 0)."""
+    if device is None and os.environ.get("LOCAL_RANK") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _heldout(args: argparse.Namespace, data, summary: dict) -> None:
+    """The trained layer's held-out mIoU before and after, printed and added to summary.json."""
+    import gc
+
+    from .magnet.shapes_check import heldout_lift
+    from .utils.files import write_json
+
+    gc.collect()  # the training pipeline is gone: free its memory before a fresh one loads
+    cfg = summary["config"]
+    try:
+        res = heldout_lift(lambda: load_model(args), args.out, cfg["layer"], scenes=args.heldout_scenes,
+                           size=cfg["resolution"], render_size=data.size, t5_length=cfg["t5_length"])
+    except (ValueError, TypeError, OSError) as e:  # the LoRA is written; only the measurement failed
+        _warn(f"held-out mIoU not measured: {e}")
+        return
+    summary["heldout"] = res
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    parts = [f"{p} {res['before'][p]:.1f} -> {res['after'][p]:.1f} ({res['lift'][p]:+.1f})"
+             for p in ("A", "B") if res["lift"][p] is not None]
+    print(f"held-out mIoU of layer {res['layer']} on {res['scenes']} ShapesWorld scenes, the LoRA loaded into a "
+          f"fresh pipeline: {', '.join(parts)}")

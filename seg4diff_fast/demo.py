@@ -4,25 +4,29 @@ The package ships a tiny real diffusers ``StableDiffusion3Pipeline`` trained on 
 circles, squares and triangles on a plain background, :mod:`seg4diff_fast.shapes`) and 8 held-out scenes
 (``seg4diff_fast/data/demo/``: image, label map and caption each; never seen in training). The demo
 
-1. checks the core op: ``joint_attention(..., backend="torch")`` (memory-lean, nothing N² allocated)
+1. loads the pipeline (``--device``, default the CPU; ``--dtype`` auto: float32 there; ``--model`` for any
+   other SD3 folder, ``--lora`` for a MAGNET LoRA) and checks every argument before any work (a bad
+   ``--layer`` is refused in seconds, with exit 2);
+2. checks the core op: ``joint_attention(..., backend="torch")`` (memory-lean, nothing N² allocated)
    against ``backend="reference"`` (the full softmax) at B=1, 2 heads, N = 1024 image + 77 text tokens,
    D=64, on the captured maps (each image row's softmax probability on the text columns, head mean) and
-   the attention output; it fails (exit 1) if they disagree;
-2. loads the pipeline (CPU, float32; ``--model`` for any other SD3 folder) and segments every bundled
-   scene the Seg4Diff way (:class:`~seg4diff_fast.Seg4DiffSegmenter`: noise the latent to t, one
+   the attention output, on the CPU; it fails (exit 1) if they disagree;
+3. segments every bundled scene the Seg4Diff way (:class:`~seg4diff_fast.Seg4DiffSegmenter`: noise the latent to t, one
    transformer pass, the head-mean image→text attention maps of a block, argmax over the class names),
    reading every block in the same pass (a transformer under 50 M parameters, like the embedded one,
-   runs on one thread: its ops are too small for intra-op threads to pay);
-3. writes ``OUT/scene_XX_overlay.png`` per scene: image | ground truth | prediction at the expert block
+   runs on one thread unless ``--threads`` says otherwise: its ops are too small for intra-op threads to pay);
+4. writes ``OUT/scene_XX_overlay.png`` per scene: image | ground truth | prediction at the expert block
    (``--layer``; default the model's), upscaled ×8, colours from the label palette, with a legend;
-4. scores every block (mIoU in %, dataset-level over the scenes, :class:`~seg4diff_fast.evaluation.metrics.MeanIoU`
+5. scores every block (mIoU in %, dataset-level over the scenes, :class:`~seg4diff_fast.evaluation.metrics.MeanIoU`
    over the world's 13 classes), each beside its trivial baseline, as the training evaluation does:
 
    - protocol A: prompt = the object classes present, background pixels ignored, scenes with ≥ 2 objects;
      baseline: a uniformly random present class per pixel;
    - protocol B: prompt = the scene's classes, background included; baseline: everything background;
 
-   prints the table (the expert block marked ``*``) and writes ``OUT/demo.md`` and ``OUT/demo.json``.
+   prints the table (the expert block marked ``*``) and writes ``OUT/demo.md`` and ``OUT/demo.json`` (with the
+   model's record: ``model``, the resolved path of the embedded one too, ``lora``, ``layer``, ``protocol``,
+   ``package_version``, ``provenance``).
 
 It runs in about 10 s on two CPU cores, most of it loading torch and the pipeline.
 """
@@ -35,6 +39,8 @@ import platform
 import sys
 import time
 from typing import Any
+
+from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, load_model, parallelism
 
 HELP = (
     "segment the bundled ShapesWorld scenes with the embedded SD3 pipeline on the CPU: overlay PNGs, a "
@@ -56,9 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=os.path.join("out", "demo"), help="output folder (default: out/demo)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the diffusion noise, the random baseline and the core-op inputs (default: 0)")
-    parser.add_argument("--model", help="SD3 pipeline folder or hub id (default: the embedded ShapesWorld pipeline)")
+    add_model_arguments(parser)
+    parser.set_defaults(device="cpu")
+    parser._option_string_actions["--device"].help = "cpu or cuda (default: cpu)"
     parser.add_argument("--layer", type=int,
                         help="block shown in the overlays and marked in the table (default: the model's expert block)")
+    add_parallel_arguments(parser, workers=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,9 +161,10 @@ def markdown_report(record: dict[str, Any]) -> str:
     lines = [
         "# seg4diff-fast demo: ShapesWorld zero-shot segmentation",
         "",
-        f"Model: {'the embedded ShapesWorld pipeline' if record['model'] == 'embedded' else record['model']} "
+        f"Model: {record.get('model_label', record['model'])} "
         f"({record['num_layers']} blocks), resolution {record['resolution']}, "
-        f"timestep {record['timestep']:.0f}, noise seed {record['seed']}, CPU float32. Expert block "
+        f"timestep {record['timestep']:.0f}, noise seed {record['seed']}, {record.get('device', 'cpu')} "
+        f"{record.get('dtype', 'float32')}. Expert block "
         f"{record['layer']} (marked *) is the one in the overlays.",
         "",
         f"## Per-block mIoU (%) on {m['n_B']} bundled held-out scenes",
@@ -233,37 +243,35 @@ def _fail(msg: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 on success, 1 if the core op disagrees with the reference, 2 on a usage error."""
+    try:
+        return _run(args)
+    except CLIError as e:
+        return _fail(str(e))
+
+
+def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import torch
 
-    from .models import ModelNotAvailableError, load_pipeline, quiet_loading
     from .ops.upsample_argmax import has_cpp_extension
     from .reader import PipelineReader
     from .segment import Seg4DiffSegmenter
     from .shapes.demo_data import DEMO_DIR, load_demo_scenes
     from .utils.files import atomic_write, write_json
+    from .utils.provenance import model_record
     from .utils.version import __version__
 
+    # every argument is checked (and the model loaded) before any work: a bad --layer fails in seconds
     try:
         demo = load_demo_scenes(DEMO_DIR)
     except (FileNotFoundError, ValueError) as e:
-        return _fail(str(e))
-    model_name = args.model or "embedded ShapesWorld pipeline"
-    print(f"seg4diff-fast {__version__} demo: zero-shot segmentation of {len(demo)} bundled ShapesWorld scenes "
-          f"with the {model_name} (CPU, float32)")
-
-    core = check_core_op(args.seed)
-    sh = core["shape"]
-    print(f"core op: joint_attention torch vs reference, B=1 H={sh['H']} N={sh['N_img']}+{sh['N_txt']} "
-          f"D={sh['D']}: max |Δout| {core['max_abs_diff']['out']:.1e}, max |Δmaps| {core['max_abs_diff']['maps']:.1e} "
-          f"{'OK' if core['ok'] else 'FAIL'} ({sum(core['seconds'].values()) * 1e3:.0f} ms)")
-
+        raise CLIError(str(e)) from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out}: a file is in the way; give a folder")
+    parallelism(args, uses_workers=False)
+    device = args.device or "cpu"
     t0 = time.perf_counter()
-    quiet_loading()
-    try:
-        pipe = load_pipeline(args.model, dtype="float32", device="cpu")
-    except ModelNotAvailableError as e:
-        return _fail(str(e))
+    pipe = load_model(args, device=device)
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):
             comp.eval().requires_grad_(False)
@@ -274,11 +282,29 @@ def run(args: argparse.Namespace) -> int:
     try:
         (expert,) = reader.check_layers(reader.defaults.layer if args.layer is None else int(args.layer), "--layer")
     except ValueError as e:
-        return _fail(str(e))
+        raise CLIError(str(e)) from None
+    provenance = model_record(pipe, args.model)
+    provenance["lora"] = os.path.abspath(args.lora) if args.lora else None
+    dtype = str(pipe.transformer.dtype).replace("torch.", "")
+    label = "the embedded ShapesWorld pipeline" if args.model is None else f"the model {provenance['model']}"
+    if args.lora:
+        label += f" with the LoRA {provenance['lora']}"
+    print(f"seg4diff-fast {__version__} demo: zero-shot segmentation of {len(demo)} bundled ShapesWorld scenes "
+          f"with {label} ({device}, {dtype})")
+
+    core = check_core_op(args.seed)
+    sh = core["shape"]
+    print(f"core op: joint_attention torch vs reference, B=1 H={sh['H']} N={sh['N_img']}+{sh['N_txt']} "
+          f"D={sh['D']}: max |Δout| {core['max_abs_diff']['out']:.1e}, max |Δmaps| {core['max_abs_diff']['maps']:.1e} "
+          f"{'OK' if core['ok'] else 'FAIL'} ({sum(core['seconds'].values()) * 1e3:.0f} ms)")
+
     seg = Seg4DiffSegmenter(reader, layer=layers)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
-    threads = 1 if n_params < TINY_PARAMS else torch.get_num_threads()
-    print(f"model: {args.model or pipe.name_or_path} ({num_layers} blocks, {n_params / 1e6:.2f} M parameters, expert "
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        threads = 1 if n_params < TINY_PARAMS else torch.get_num_threads()
+    print(f"model: {provenance['model']} ({num_layers} blocks, {n_params / 1e6:.2f} M parameters, expert "
           f"block {reader.defaults.layer}, resolution {seg.resolution}, {seg.t5_length} T5 positions, t = "
           f"{seg.timestep:.0f}), loaded in {load_s:.1f} s; segmenting on {threads} thread(s)")
 
@@ -306,8 +332,15 @@ def run(args: argparse.Namespace) -> int:
         "machine": platform.machine(),
         "threads": threads,
         "cpp_extension": has_cpp_extension(),
-        "model": args.model or "embedded",
+        "model": provenance["model"],
+        "model_label": label,
         "model_path": str(pipe.name_or_path),
+        "lora": provenance["lora"],
+        "device": device,
+        "dtype": dtype,
+        "protocol": seg.protocol,
+        "package_version": __version__,
+        "provenance": provenance,
         "num_layers": num_layers,
         "layers": layers,
         "layer": expert,

@@ -19,11 +19,12 @@ RANK = {
 
 
 def _part(module: str) -> str:
-    """seg4diff_fast.reader.family → reader; seg4diff_fast.cli_eval → cli; seg4diff_fast → seg4diff_fast."""
+    """seg4diff_fast.reader.family → reader; seg4diff_fast.cli_eval, seg4diff_fast.app.ui → cli;
+    seg4diff_fast → seg4diff_fast."""
     parts = module.split(".")
     if len(parts) == 1:
         return "seg4diff_fast"
-    return "cli" if parts[1].startswith("cli") else parts[1]
+    return "cli" if parts[1].startswith("cli") or parts[1] == "app" else parts[1]  # the front ends: one part
 
 
 def _modules() -> dict[str, str]:

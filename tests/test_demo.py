@@ -116,5 +116,9 @@ def test_demo_fails_when_the_core_op_disagrees(tmp_path, monkeypatch):
 
 
 def test_demo_rejects_a_layer_out_of_range(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path), "--layer", "99"]) == 2
-    assert "out of range" in capsys.readouterr().err
+    """Refused before any work: no header, no core-op check, nothing written."""
+    out = tmp_path / "out"
+    assert cli.main(["demo", "--out", str(out), "--layer", "99"]) == 2
+    captured = capsys.readouterr()
+    assert "out of range" in captured.err and captured.out == ""
+    assert not out.exists()

@@ -107,10 +107,10 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(dataset, model_dir, tmp_path_factory):
-    """One uninterrupted CLI run: batch 3, 2 workers, confidence, COCO."""
+    """One uninterrupted CLI run: batch 3, 2 workers, confidence, COCO; exit 1, the three bad inputs failed."""
     root, _ = dataset
     out = str(tmp_path_factory.mktemp("ref") / "out")
-    assert cli.main(_argv(root, out, model_dir, "--batch-size", "3", "--workers", "2", "--confidence", "--coco")) == 0
+    assert cli.main(_argv(root, out, model_dir, "--batch-size", "3", "--workers", "2", "--confidence", "--coco")) == 1
     return out
 
 
@@ -207,7 +207,7 @@ def _count_labels(out) -> int:
 def test_sigkill_then_resume_is_byte_identical(model_dir, tmp_path, capsys):
     root = str(tmp_path / "images")
     rels = _make_images(root, np.random.default_rng(np.random.SeedSequence().entropy), 40)
-    args = ("--batch-size", "2", "--workers", "1", "--confidence", "--coco")
+    args = ("--batch-size", "2", "--workers", "1", "--confidence", "--coco", "--allow-failures")
     ref = str(tmp_path / "ref")
     assert cli.main(_argv(root, ref, model_dir, *args)) == 0
     out = str(tmp_path / "out")
@@ -252,7 +252,8 @@ def test_two_processes_on_gloo_match_one(dataset, reference, model_dir, tmp_path
     out = str(tmp_path / "out")
     port = str(_free_port())
     argv = [sys.executable, "-m", "seg4diff_fast.label",
-            *_argv(root, out, model_dir, "--batch-size", "3", "--workers", "1", "--confidence", "--coco")[1:]]
+            *_argv(root, out, model_dir, "--batch-size", "3", "--workers", "1", "--confidence", "--coco",
+                   "--allow-failures")[1:]]
     procs = [subprocess.Popen(argv, env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                                              MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for r in range(2)]
@@ -299,6 +300,9 @@ def test_resume_refuses_another_labeling(dataset, reference, model_dir, tmp_path
     argv = _argv(root, out, model_dir, "--resume", "--seed", "1")
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    warnings = [line for line in err if line.startswith("seg4diff-fast label: warning:")]
+    assert [line for line in warnings if '"tree" (read as t re e)' not in line] == []  # the tiny vocabulary splits it
+    err = [line for line in err if line not in warnings]
     assert len(err) == 1 and "seed" in err[0] and err[0].startswith("seg4diff-fast label: error:")
     assert _files(out) == _files(reference)
 

@@ -581,14 +581,14 @@ def test_cli_protocol_flags(monkeypatch, tmp_path, capsys):
         p.parse_args(["--paper", "--corrected"])
     seen = {}
 
-    def fake_train(model, data, cfg, output_dir, resume, progress):
+    def fake_train(model, data, cfg, output_dir, resume, progress, device=None):
         seen["cfg"] = cfg
         return {"steps": 1, "resumed_from": 0, "seconds": 0.0, "final": {}, "skipped": {},
                 "config": {"layer": 1, "protocol": cfg.protocol}}
 
     monkeypatch.setattr(magnet, "train_magnet", fake_train)
     for flags, want in (([], "paper"), (["--corrected"], "corrected")):
-        args = p.parse_args(["--data", "shapes:2", "--out", str(tmp_path), *flags])
+        args = p.parse_args(["--data", "shapes:2", "--out", str(tmp_path), "--no-heldout", *flags])
         assert cli_magnet.run(args) == 0 and seen["cfg"].protocol == want
         assert f"protocol {want}" in capsys.readouterr().out
 

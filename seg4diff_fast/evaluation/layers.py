@@ -5,6 +5,8 @@
   image / text keys), at the noised latent the segmenter reads maps from. Measured by the reader's
   :meth:`~seg4diff_fast.reader.PipelineReader.block_mass` (``enable_fast_capture(measure_mass=True)``: the
   fused op captures every row's probabilities on the text columns, never an N×N matrix).
+- :func:`transformer_progress`: a progress bar over images advanced by a pipeline's transformer calls (for
+  loops that do not report their own progress, such as the grounding sweep);
 - :func:`write_layer_report`: ``layers.json``, ``layers.md`` and the figure ``layers.png`` (matplotlib:
   ``pip install seg4diff-fast[analysis]``), from the mass and from a grounding sweep
   (:func:`seg4diff_fast.shapes.grounding.layer_sweep`: protocol A / B mIoU per block and head).
@@ -12,10 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,7 +27,7 @@ import torch
 
 from ..utils.files import atomic_write, write_json
 
-__all__ = ["SHARES", "attention_block_mass", "write_layer_report", "format_layer_table"]
+__all__ = ["SHARES", "attention_block_mass", "format_layer_table", "transformer_progress", "write_layer_report"]
 
 #: The four blocks of the joint attention matrix, in the order of the last axis of ``mass``.
 SHARES: tuple[str, ...] = ("I2I", "I2T", "T2I", "T2T")
@@ -42,6 +46,7 @@ def attention_block_mass(
     *,
     batch_size: int = 4,
     backend: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Share of attention mass in the I2I / I2T / T2I / T2T blocks of every block's and head's joint
     attention matrix, at the noised latent the segmenter uses.
@@ -63,6 +68,7 @@ def attention_block_mass(
         seed, noise_step, num_inference_steps: the noise, as the segmenter's.
         batch_size: images per transformer call.
         backend: ``joint_attention`` backend (None: best available).
+        progress: a tqdm bar over the images on stderr.
 
     Returns:
         ``{"shares": SHARES, "mass": (L, H, 4) float64 [I2I, I2T, T2I, T2T], "I2I" … "T2T": (L, H) each,
@@ -90,8 +96,12 @@ def attention_block_mass(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     reader = PipelineReader(pipe, resolution=resolution, num_inference_steps=num_inference_steps,
                             noise_step=noise_step, seed=seed, text_length=t5_length, backend=backend)
+    from tqdm import tqdm
+
     sink: dict[int, torch.Tensor] = {}
     n_img_tokens = n_txt_tokens = 0
+    bar = tqdm(total=len(images), desc="attention mass", unit="image", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
     for s in range(0, len(images), batch_size):
         tensors, _ = reader.prepare(images[s:s + batch_size])
         latents = reader.latents(tensors)
@@ -100,6 +110,8 @@ def attention_block_mass(
         n_txt_tokens = text.length
         for layer, part in reader.block_mass(latents, text).items():
             sink[layer] = part if layer not in sink else sink[layer] + part
+        bar.update(len(tensors))
+    bar.close()
     text_share = torch.stack([sink[i] for i in range(reader.num_layers)]).numpy() / len(images)  # (L, H, 2)
     i2t, t2t = text_share[..., 0], text_share[..., 1]
     mass = np.stack([1.0 - i2t, i2t, 1.0 - t2t, t2t], axis=-1)
@@ -109,6 +121,55 @@ def attention_block_mass(
                 "timestep": float(reader.timestep), "sigma": reader.sigma, "resolution": reader.resolution,
                 "t5_length": reader.text_length})
     return out
+
+
+@contextlib.contextmanager
+def transformer_progress(pipe: Any, rows_per_item: Sequence[int], desc: str, unit: str = "image",
+                         enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar (stderr) over items whose rows go through ``pipe.transformer``: each call's batch (its
+    ``hidden_states`` rows) advances it when the next call starts (or the block ends); item ``k`` is done once
+    the first ``rows_per_item[0..k]`` rows are.
+    For loops that read through the transformer without a progress hook of their own (the grounding sweep:
+    one row per protocol a scene is scored with).
+
+    Example:
+        >>> import torch
+        >>> from seg4diff_fast.testing import tiny_sd3_pipeline
+        >>> pipe = tiny_sd3_pipeline(t5=False)
+        >>> with transformer_progress(pipe, [1, 2], "demo", enabled=False) as bar:
+        ...     _ = attention_block_mass(pipe, [torch.rand(3, 32, 32)] * 3, "cat", resolution=32, batch_size=2)
+        ...     bar.n  # the first call (2 rows: item 0 and half of item 1) is done
+        1
+        >>> bar.n
+        2
+    """
+    from tqdm import tqdm
+
+    cum = np.cumsum(np.asarray(list(rows_per_item), dtype=np.int64))
+    bar = tqdm(total=len(cum), desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+    rows = {"done": 0, "running": 0}
+
+    def advance(done_rows: int) -> None:
+        done = int(np.searchsorted(cum, done_rows, side="right"))
+        if bar.disable:
+            bar.n = done
+        elif done != bar.n:
+            bar.update(done - bar.n)
+
+    def hook(module, args, kwargs):  # a call starts: the one before it has finished
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is not None:
+            rows["done"] += rows["running"]
+            rows["running"] = int(hidden.shape[0])
+            advance(rows["done"])
+
+    handle = pipe.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield bar
+        advance(rows["done"] + rows["running"])
+    finally:
+        handle.remove()
+        bar.close()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,7 +268,9 @@ def _markdown(result: dict[str, Any]) -> str:
     mass, sweep = result.get("mass"), result.get("sweep")
     parts = ["# Layer analysis", ""]
     if result.get("model"):
-        parts.append(f"Model: `{result['model']}`.")
+        lora = f" with the LoRA `{result['lora']}`" if result.get("lora") else ""
+        version = f" (seg4diff-fast {result['package_version']})" if result.get("package_version") else ""
+        parts.append(f"Model: `{result['model']}`{lora}{version}.")
     if mass is not None:
         parts.append(
             f"Attention mass: {mass.get('n_images', '?')} images"

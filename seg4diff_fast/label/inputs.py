@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..reader import ModelFamily, as_float, resize_short_side, to_rgb
+from ..reader.vocabulary import check_repeated
 from .outputs import confidence_path, label_path
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageItem", "discover_images", "load_classes", "LabelDataset", "collate"]
@@ -103,12 +104,14 @@ def discover_images(images: str | os.PathLike | Sequence[str | os.PathLike], out
     items = [ImageItem(p, os.path.relpath(a, os.path.abspath(root)).replace(os.sep, "/"))
              for p, a in zip(paths, absolute)]
     items.sort(key=lambda it: it.rel)
-    seen: dict[str, str] = {}
+    seen: dict[str, ImageItem] = {}
     for it in items:
         for out in (label_path("", it.rel), confidence_path("", it.rel)):
-            if out in seen and seen[out] != it.rel:
-                raise ValueError(f"inputs {seen[out]} and {it.rel} would write the same output {out}")
-            seen[out] = it.rel
+            if out in seen and seen[out].rel != it.rel:
+                raise ValueError(f"inputs {seen[out].path} and {it.path} share the name stem of OUT/{out}: their "
+                                 "outputs would overwrite each other; rename one, or label them into different "
+                                 "--out folders")
+            seen[out] = it
     return items
 
 
@@ -116,7 +119,7 @@ def load_classes(spec: str | Sequence[str]) -> list[str]:
     """The class list: a list as is, a file with one name a line (blank lines skipped), or a comma list.
 
     Raises:
-        ValueError: the list is empty or has an empty name.
+        ValueError: the list is empty, has an empty name or names a class twice.
 
     Example:
         >>> load_classes("cat, sofa ,grass")
@@ -138,6 +141,7 @@ def load_classes(spec: str | Sequence[str]) -> list[str]:
         raise ValueError(f"{where}: the class list is empty")
     if any(not n for n in names):
         raise ValueError(f"{where} has an empty class name")
+    check_repeated(names, where)
     return names
 
 

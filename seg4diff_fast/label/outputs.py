@@ -120,10 +120,12 @@ def png_complete(path: str) -> bool:
         return False
 
 
-def outputs_complete(out_dir: str, rel: str, confidence: bool) -> bool:
-    """True when every output of the input ``rel`` is complete (the label PNG, and the confidence PNG
-    when ``confidence``)."""
+def outputs_complete(out_dir: str, rel: str, confidence: bool, yolo: bool = False) -> bool:
+    """True when every output of the input ``rel`` is complete (the label PNG, the confidence PNG when
+    ``confidence``, the YOLO ``.txt`` when ``yolo``: written whole by a rename, so its presence is enough)."""
     if not png_complete(label_path(out_dir, rel)):
+        return False
+    if yolo and not os.path.isfile(os.path.join(out_dir, "yolo", "labels", os.path.splitext(rel)[0] + ".txt")):
         return False
     return not confidence or png_complete(confidence_path(out_dir, rel))
 

@@ -1,4 +1,5 @@
-"""The run loop of ``label``: image set + class list → label PNGs (and confidence PNGs, COCO JSON).
+"""The run loop of ``label``: image set + class list → label PNGs (and confidence PNGs, COCO JSON, YOLO
+polygons).
 
 Stages, overlapped:
 
@@ -9,7 +10,8 @@ Stages, overlapped:
    vocabulary's chunked prompt set encoded once for the whole run and reused by every batch; class maps
    (the segmenter's chunk merge), fused ``upsample_argmax`` on the device, the uint8/uint16 label map and
    the uint8 confidence made there too and copied back without a host sync (CUDA events);
-3. a thread pool encodes the PNGs and writes them atomically (:mod:`.outputs`).
+3. a thread pool encodes the PNGs (and the YOLO ``.txt``, :mod:`.yolo`) and writes them atomically
+   (:mod:`.outputs`); the label PNG last, so a complete one means the image is done.
 
 Errors of single inputs (unreadable, truncated, empty) go to ``OUT/errors.jsonl`` (sorted by image, written
 whole at the end by rank 0 from every rank's list), never stopping the run. ``OUT/labels.json`` is written
@@ -38,6 +40,8 @@ import torch
 
 from ..ops.upsample_argmax import upsample_argmax
 from ..segment import Seg4DiffSegmenter, confidence_of
+from ..utils.parallel import available_cores, default_workers
+from ..utils.provenance import model_record
 from .coco import build_coco
 from .distributed import DistContext, setup, shard_batches
 from .inputs import ImageItem, LabelDataset, collate, discover_images, load_classes
@@ -51,12 +55,13 @@ from .outputs import (
     remove_temporaries,
     write_json,
 )
+from .yolo import DEFAULT_TOLERANCE, encode_yolo, require_cv2, write_yolo_dataset, yolo_label_path
 
 __all__ = ["LabelSummary", "label_images", "check_out_dir", "RUN_KEYS"]
 
 # labels.json keys that must agree for --resume to add to existing outputs
-RUN_KEYS = ("classes", "prompts", "model", "layer", "resolution", "num_inference_steps", "noise_step", "timestep",
-            "seed", "dtype", "chunk_merge", "split_dash", "short_side", "label_format")
+RUN_KEYS = ("classes", "prompts", "model", "lora", "protocol", "layer", "resolution", "num_inference_steps",
+            "noise_step", "timestep", "seed", "dtype", "chunk_merge", "split_dash", "short_side", "label_format")
 
 
 @dataclass
@@ -122,11 +127,14 @@ def _peak_memory(device: torch.device) -> tuple[int, str]:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process RSS"
 
 
-def _run_info(seg: Seg4DiffSegmenter, classes: list[str], prompts: list[str], model: str | None) -> dict[str, Any]:
+def _run_info(seg: Seg4DiffSegmenter, classes: list[str], prompts: list[str], record: dict[str, Any]
+              ) -> dict[str, Any]:
     return {
         "classes": classes,
         "prompts": prompts,
-        "model": model,
+        "model": record["model"],
+        "lora": record.get("lora"),
+        "protocol": seg.protocol,
         "layer": seg.layers[0] if len(seg.layers) == 1 else list(seg.layers),
         "resolution": seg.resolution,
         "num_inference_steps": seg.num_inference_steps,
@@ -138,6 +146,8 @@ def _run_info(seg: Seg4DiffSegmenter, classes: list[str], prompts: list[str], mo
         "split_dash": seg.split_dash,
         "short_side": seg.short_side,
         "label_format": "palette" if len(classes) <= 256 else "uint16",
+        "package_version": record.get("package_version"),
+        "provenance": record,
         "versions": _versions(),
     }
 
@@ -158,6 +168,10 @@ def _check_resume(out_dir: str, info: dict[str, Any]) -> None:
         k = differ[0]
         raise ValueError(f"--resume: {path} was written by a different labeling ({k}: {old.get(k)!r} there, "
                          f"{info.get(k)!r} now); use another --out or drop --resume to overwrite")
+    tols = (old.get("yolo_tolerance"), info.get("yolo_tolerance"))
+    if None not in tols and tols[0] != tols[1]:
+        raise ValueError(f"--resume: {path} has YOLO polygons at tolerance {tols[0]}, not {tols[1]}; use another "
+                         "--out, the same --yolo-tolerance, or drop --resume to overwrite")
     if old.get("versions") != info.get("versions"):
         print(f"seg4diff-fast label: warning: {path} was written with other library versions; resuming anyway",
               file=sys.stderr)
@@ -185,7 +199,7 @@ class _Writer:
 
 
 def _write_image(out_dir: str, rel: str, num_classes: int, labels: torch.Tensor, conf: torch.Tensor | None,
-                 event: Any) -> None:
+                 event: Any, yolo_tolerance: float | None = None) -> None:
     if event is not None:
         event.synchronize()
     lab = labels.numpy()
@@ -193,6 +207,9 @@ def _write_image(out_dir: str, rel: str, num_classes: int, labels: torch.Tensor,
         lab = lab.astype(np.uint16)
     if conf is not None:
         atomic_write(confidence_path(out_dir, rel), encode_confidence(conf.numpy()))
+    if yolo_tolerance is not None:
+        atomic_write(yolo_label_path(out_dir, rel), encode_yolo(lab, num_classes, yolo_tolerance))
+    # the label PNG last: a complete one means the image's other outputs are written too
     atomic_write(label_path(out_dir, rel), encode_labels(lab, num_classes))
 
 
@@ -209,13 +226,16 @@ def label_images(
     dtype: str = "auto",
     device: str | None = None,
     batch_size: int = 8,
-    workers: int = 4,
+    workers: int | None = None,
     confidence: bool = False,
     coco: bool = False,
     resume: bool = False,
     progress: bool = True,
     writer_threads: int | None = None,
     split_dash: bool = True,
+    lora: str | None = None,
+    yolo: bool = False,
+    yolo_tolerance: float = DEFAULT_TOLERANCE,
 ) -> LabelSummary:
     """Label a set of images with a class list; outputs under ``out_dir`` (see :mod:`seg4diff_fast.label`).
 
@@ -230,17 +250,23 @@ def label_images(
             ``layer``, ``resolution``, ``seed`` and ``split_dash``.
         model: folder or hub id to load (recorded in labels.json; with ``segmenter``, only recorded).
         batch_size: images per VAE/transformer call (rows per transformer call with chunked vocabularies).
-        workers: DataLoader worker processes decoding images (0: in the main process).
+        workers: DataLoader worker processes decoding images (0: in the main process; None: the planned
+            default of :func:`~seg4diff_fast.utils.parallel.default_workers`, 0 on <= 2 cores, else
+            ``min(4, cores // 4)``). More workers than cores print one warning (not torch's, twice).
         confidence: also write ``a/b.conf.png``; coco: also write ``coco.json``; resume: skip complete images.
+        lora: a MAGNET LoRA loaded into the pipeline this call loads (with ``segmenter``: only recorded).
+        yolo: also write the YOLO segmentation export (``OUT/yolo/``, :mod:`.yolo`; needs OpenCV) with polygons
+            simplified to ``yolo_tolerance`` pixels.
         progress: tqdm progress bar (rank 0).
-        writer_threads: PNG writer threads (default min(4, CPUs)).
+        writer_threads: PNG writer threads (default min(4, cores)).
 
     Returns:
         A :class:`LabelSummary` (over all processes).
 
     Raises:
-        ValueError: no images, an empty or unusable class list, an unwritable ``out_dir``, a ``resume``
-            into outputs of a different labeling.
+        ValueError: no images, an empty or unusable class list (or one naming a class twice), an unwritable
+            ``out_dir``, a ``resume`` into outputs of a different labeling, a negative ``yolo_tolerance``.
+        ImportError: ``yolo`` without OpenCV.
 
     Example:
         >>> import os, tempfile
@@ -261,8 +287,14 @@ def label_images(
     items = discover_images(images, out_dir)
     if int(batch_size) < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if int(workers) < 0:
+    if workers is None:
+        workers = default_workers()
+    elif int(workers) < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
+    if yolo:
+        require_cv2()
+        if not float(yolo_tolerance) >= 0:
+            raise ValueError(f"the YOLO polygon tolerance must be >= 0 pixels, got {yolo_tolerance}")
     check_out_dir(out_dir)
 
     if segmenter is not None:
@@ -278,23 +310,30 @@ def label_images(
             if dev.type == "cuda" and ctx.world_size > 1 and dev.index is None:
                 dev = torch.device("cuda", ctx.local_rank)
             pipe = load_pipeline(resolve_model(model), dtype, str(dev))
+            if lora:
+                from ..magnet.lora import load_magnet_lora
+
+                pipe = load_magnet_lora(pipe, lora)
             segmenter = Seg4DiffSegmenter(pipe, layer=layer, resolution=resolution, seed=seed, split_dash=split_dash)
         seg = segmenter
-        if model is None:
-            model = getattr(seg.pipe.config, "_name_or_path", None) or None
-        return _label(seg, items, class_list, out_dir, ctx, model, int(batch_size), int(workers), confidence, coco,
-                      resume, progress, writer_threads)
+        record = model_record(seg.pipe, model)
+        record["lora"] = os.path.abspath(lora) if lora else None
+        return _label(seg, items, class_list, out_dir, ctx, record, int(batch_size), int(workers), confidence, coco,
+                      resume, progress, writer_threads, float(yolo_tolerance) if yolo else None)
     finally:
         ctx.close()
 
 
 def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], out_dir: str, ctx: DistContext,
-           model: str | None, batch_size: int, workers: int, confidence: bool, coco: bool, resume: bool,
-           progress: bool, writer_threads: int | None) -> LabelSummary:
+           record: dict[str, Any], batch_size: int, workers: int, confidence: bool, coco: bool, resume: bool,
+           progress: bool, writer_threads: int | None, yolo_tolerance: float | None = None) -> LabelSummary:
     from tqdm import tqdm
 
     plans = seg.plan(classes)
-    info = _run_info(seg, classes, [c.prompt for c in plans], model)
+    info = _run_info(seg, classes, [c.prompt for c in plans], record)
+    info["formats"] = ["png"] + (["coco"] if coco else []) + (["yolo-seg"] if yolo_tolerance is not None else [])
+    if yolo_tolerance is not None:
+        info["yolo_tolerance"] = yolo_tolerance
     if resume:
         _check_resume(out_dir, info)
     ctx.barrier()  # every rank has read the old labels.json before rank 0 replaces it
@@ -312,24 +351,22 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
     mine = sum(len(b) for b in batches)
     complete: set[int] = set()
     if resume:
-        complete = {i for b in batches for i in b if outputs_complete(out_dir, items[i].rel, confidence)}
+        complete = {i for b in batches for i in b if outputs_complete(out_dir, items[i].rel, confidence,
+                                                                      yolo_tolerance is not None)}
         batches = [b for b in batches if not all(i in complete for i in b)]
     todo = sum(len(b) for b in batches)
     skipped = mine - todo + sum(1 for b in batches for i in b if i in complete)
 
     errors: list[dict[str, str]] = []
     labeled = 0
-    writer = _Writer(writer_threads or min(4, os.cpu_count() or 1), limit=4 * batch_size)
+    writer = _Writer(writer_threads or min(4, available_cores()), limit=4 * batch_size)
     bar = tqdm(total=todo, unit="img", desc="label", disable=not progress or not ctx.is_main, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         if batches:
             dataset = LabelDataset(items, seg.resolution, seg.short_side, seg.reader.family,
                                    signed=seg.reader.defaults.signed_input)
-            loader = torch.utils.data.DataLoader(
-                dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-            )
+            loader = _loader(dataset, batches, workers, device, ctx.is_main)
             for batch in loader:
                 valid = [k for k, e in enumerate(batch["error"]) if e is None]
                 for k, e in enumerate(batch["error"]):
@@ -343,7 +380,8 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
                         i = batch["index"][k]
                         if i in complete:
                             continue
-                        writer.submit(_write_image, out_dir, items[i].rel, num_classes, lab, conf, event)
+                        writer.submit(_write_image, out_dir, items[i].rel, num_classes, lab, conf, event,
+                                      yolo_tolerance)
                         labeled += 1
                 bar.update(len(batch["index"]))
     finally:
@@ -374,6 +412,8 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
                 os.remove(os.path.join(out_dir, name))
         if coco:
             build_coco(out_dir, items, classes)
+        if yolo_tolerance is not None:
+            write_yolo_dataset(out_dir, items, classes)
         remove_temporaries(out_dir)
     ctx.barrier()
     return LabelSummary(
@@ -381,6 +421,24 @@ def _label(seg: Seg4DiffSegmenter, items: list[ImageItem], classes: list[str], o
         images_per_s=s_labeled / s_seconds if s_seconds > 0 else 0.0, peak_memory=int(s_peak), memory_kind=kind,
         out_dir=out_dir,
     )
+
+
+def _loader(dataset, batches: list[list[int]], workers: int, device: torch.device, warn: bool):
+    """The batches' iterator; torch's worker-count warning (issued twice, by the DataLoader and its
+    iterator) is replaced by one line of ours."""
+    import warnings
+
+    cores = available_cores()
+    if warn and workers > cores:
+        print(f"seg4diff-fast label: warning: {workers} loader workers on {cores} cores: they compete with the "
+              "model for the CPU; fewer (--workers, default from the cores) is faster", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+            pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        )
+        return iter(loader)
 
 
 def _segment_batch(seg: Seg4DiffSegmenter, x: torch.Tensor, sizes: list[tuple[int, int]], plans, text,

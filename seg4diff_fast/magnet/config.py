@@ -13,6 +13,8 @@ _PRECISIONS = ("no", "fp16", "bf16")
 #: own choices where it departs from them.
 PROTOCOLS = ("paper", "corrected")
 _FOCAL_FORMS = ("standard", "authors")
+#: keys a run's ``magnet_config.json`` holds beside the settings (not settings: ``from_dict`` skips them)
+_RECORD_KEYS = ("provenance",)
 
 
 @dataclass
@@ -51,7 +53,9 @@ class MagnetConfig:
         t5_length: zero T5 positions after the 77 CLIP ones (None: the model's default; 77 for SD3).
         seed: everything random (init, data order, noise) derives from it and the step: exact resume.
         checkpoint_every, log_every: steps between checkpoints / log lines.
-        num_workers: DataLoader workers preparing images and masks.
+        num_workers: DataLoader workers preparing images and masks (None: the commands' plan,
+            :func:`seg4diff_fast.utils.parallel.plan_parallelism`: 0 on <= 2 cores, else min(4, cores // 4);
+            the run's ``magnet_config.json`` records the number used).
         backend: ``joint_attention`` backend (None: best available).
     """
 
@@ -87,7 +91,7 @@ class MagnetConfig:
     seed: int = 0
     checkpoint_every: int = 500
     log_every: int = 10
-    num_workers: int = 0
+    num_workers: int | None = None
     backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -110,6 +114,7 @@ class MagnetConfig:
             (self.match_focal_form is None or self.match_focal_form in _FOCAL_FORMS,
              f"match_focal_form must be 'standard', 'authors' or None, got {self.match_focal_form!r}"),
             (self.resolution is None or self.resolution > 0, f"resolution must be > 0, got {self.resolution}"),
+            (self.num_workers is None or self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
             (min(self.lambda_fm, self.lambda_focal, self.lambda_dice) >= 0, "loss weights must be >= 0"),
         ]
         for ok, msg in checks:
@@ -149,6 +154,7 @@ class MagnetConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         if not d.get("extra", True):  # configs saved by 0.1.0 carry an always-empty "extra"
             d = {k: v for k, v in d.items() if k != "extra"}
+        d = {k: v for k, v in d.items() if k not in _RECORD_KEYS}  # magnet_config.json: the run's provenance
         if "protocol" not in d:  # saved before protocols existed: those runs were what is now "corrected"
             d = {**d, "protocol": "corrected"}
         unknown = sorted(set(d) - names)

@@ -5,7 +5,8 @@
   everything else frozen.
 - :func:`save_magnet_lora`: the pipeline class's ``save_lora_weights`` (``pytorch_lora_weights.safetensors``,
   which a stock ``pipe.load_lora_weights(DIR)`` reads), the conv head as ``magnet_head.safetensors`` and
-  the run's config as ``magnet_config.json``, written to a temporary folder and moved in file by file.
+  the run's config as ``magnet_config.json``, written to a temporary folder and moved in file by file, each
+  with the permissions a plain write would give it (``0o666 & ~umask``; safetensors alone leaves ``0o600``).
 - :func:`load_magnet_lora`: a folder or ``.safetensors`` of ours, or the authors' released ``.pth``
   (``['model']`` keys prefixed ``backbone.transformer.`` with peft's ``.default.``; both stripped). Weights
   that do not fit the pipeline's transformer (a block or projection it lacks, another width, A and B of
@@ -22,6 +23,8 @@ import tempfile
 from typing import Any
 
 import torch
+
+from ..utils.files import set_plain_mode
 
 __all__ = ["HEAD_FILE", "CONFIG_FILE", "LORA_FILE", "add_magnet_lora", "lora_state_dict", "save_magnet_lora",
            "load_magnet_lora", "load_magnet_head", "authors_state_dict", "check_lora_fits"]
@@ -90,6 +93,8 @@ def save_magnet_lora(out_dir: str, transformer: torch.nn.Module, head: torch.nn.
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump(config, f, indent=1)
         for name in os.listdir(tmp):
+            # safetensors creates its files 0o600: give each the mode a plain write of its final name would
+            set_plain_mode(os.path.join(tmp, name), os.path.join(out_dir, name))
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

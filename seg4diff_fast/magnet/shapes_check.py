@@ -21,7 +21,8 @@ from typing import Any
 from ..shapes.grounding import evaluate_grounding, generation_grounding
 from ..shapes.shipped import EXPERT_LAYER, SIZE, T5_LENGTH
 
-__all__ = ["generation_grounding", "magnet_check"]  # generation_grounding: re-exported
+# generation_grounding: re-exported
+__all__ = ["generation_grounding", "heldout_lift", "layer_grounding", "magnet_check"]
 
 
 def _measure(pipe: Any, scenes: list, layer: int, t5_length: int, size: int, generate: int) -> dict[str, Any]:
@@ -34,6 +35,67 @@ def _measure(pipe: Any, scenes: list, layer: int, t5_length: int, size: int, gen
     if generate:
         out.update(generation_grounding(pipe, layer, n=generate, t5_length=t5_length, size=size))
     return out
+
+
+def layer_grounding(pipe: Any, scenes: list, layer: int, size: int, t5_length: int,
+                    batch_size: int = 16) -> dict[str, Any]:
+    """One block's held-out mIoU (percent), protocols A and B, with their baselines: the numbers
+    :func:`~seg4diff_fast.shapes.grounding.evaluate_grounding` gives for that block, from a pass that stops
+    after it."""
+    from ..segment import Seg4DiffSegmenter
+    from ..shapes.grounding import GroundingScore, in_protocol_a
+
+    seg = Seg4DiffSegmenter(pipe, layer=[layer], resolution=size, t5_length=t5_length, batch_size=batch_size)
+    score = GroundingScore([layer])
+    a_scenes = [s for s in scenes if in_protocol_a(s)]
+    out: dict[str, Any] = {"n_A": len(a_scenes), "n_B": len(scenes)}
+    for proto, sc in (("A", a_scenes), ("B", scenes)):
+        if not sc:
+            out[proto] = out[f"{proto}_baseline"] = None
+            continue
+        names = [s.object_classes if proto == "A" else s.classes for s in sc]
+        res = seg([s.image for s in sc], classes=names, per_layer=True)
+        for s, cls, r in zip(sc, names, res):
+            score.add(s, proto, cls, {layer: r[layer].label_map})
+        out[proto] = round(score.miou(proto)[layer], 2)
+        out[f"{proto}_baseline"] = round(score.baseline_miou(proto), 2)
+    return out
+
+
+def heldout_lift(load_pipe: Any, lora: str, layer: int, scenes: int = 48, size: int = SIZE,
+                 render_size: int | None = None, t5_length: int = T5_LENGTH, batch_size: int = 16) -> dict[str, Any]:
+    """A MAGNET run's trained block on held-out ShapesWorld scenes, before and after, as a user sees it: a fresh
+    pipeline (``load_pipe()``) is scored, the LoRA saved at ``lora`` is loaded into it
+    (:func:`~seg4diff_fast.magnet.lora.load_magnet_lora`, as ``eval --lora`` does: no conv head) and it is
+    scored again.
+
+    Args:
+        load_pipe: returns a fresh pipeline of the model the LoRA was trained on.
+        lora: the run's output folder (or its ``.safetensors``).
+        layer: the trained block.
+        scenes: held-out scenes ``ShapesWorld(i, render_size)``, i = 0 … scenes−1 (training scenes start at 10⁶).
+        size: the segmenter's resolution (the run's).
+        render_size: the scenes' side (None: ``size``).
+        t5_length: zero T5 positions (the run's).
+
+    Returns:
+        ``{"scenes", "layer", "resolution", "before": {"A", "B", ...}, "after": {...}, "lift": {"A", "B"},
+        "reading"}`` (mIoU in percent; A is None when no scene has two objects).
+    """
+    from ..shapes.train import heldout_scenes
+    from .lora import load_magnet_lora
+
+    if scenes < 1:
+        raise ValueError(f"scenes must be >= 1, got {scenes}")
+    held = heldout_scenes(scenes, render_size or size)
+    pipe = load_pipe()
+    before = layer_grounding(pipe, held, layer, size, t5_length, batch_size)
+    pipe = load_magnet_lora(pipe, lora)
+    after = layer_grounding(pipe, held, layer, size, t5_length, batch_size)
+    lift = {p: None if before[p] is None else round(after[p] - before[p], 2) or 0.0 for p in ("A", "B")}  # no -0.0
+    return {"scenes": scenes, "layer": layer, "resolution": size, "before": before, "after": after, "lift": lift,
+            "reading": "the saved LoRA loaded into a fresh pipeline (no conv head), head-mean maps of the layer; "
+                       "held-out scenes ShapesWorld(i), i = 0.." + str(scenes - 1)}
 
 
 def magnet_check(layer: int = 2, steps: int = 600, scenes: int = 200, out: str | None = None, batch_size: int = 16,

@@ -35,7 +35,7 @@ from .head import MapHead
 from .lora import add_magnet_lora, lora_state_dict, save_magnet_lora
 from .losses import focal_dice_loss
 
-__all__ = ["train_magnet", "CHECKPOINT_FILE", "LOG_FILE"]
+__all__ = ["train_magnet", "check_precision", "default_workers", "CHECKPOINT_FILE", "LOG_FILE"]
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -76,6 +76,20 @@ def _sigmas(scheduler: Any, n: int, cfg: MagnetConfig, gen: torch.Generator) -> 
     return scheduler.timesteps[idx].float(), scheduler.sigmas[idx].float()
 
 
+def check_precision(mixed_precision: str, on_cpu: bool) -> None:
+    """Refuse fp16 autocast on a CPU (torch has no fp16 CPU autocast for training)."""
+    if mixed_precision == "fp16" and on_cpu:
+        raise ValueError("mixed_precision='fp16' needs CUDA; use 'bf16' or 'no' on a CPU")
+
+
+def default_workers() -> int:
+    """DataLoader workers when :attr:`MagnetConfig.num_workers` is None: the commands' plan
+    (:func:`seg4diff_fast.utils.parallel.plan_parallelism`; 0 on <= 2 cores, else min(4, cores // 4))."""
+    from ..utils.parallel import plan_parallelism
+
+    return plan_parallelism().workers
+
+
 def train_magnet(
     pipe_or_path: Any,
     dataset: Any,
@@ -84,6 +98,7 @@ def train_magnet(
     resume: bool = False,
     progress: bool = True,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA on the transformer with flow matching + the focal/dice mask loss (MAGNET).
 
@@ -98,9 +113,17 @@ def train_magnet(
         resume: continue from ``output_dir/checkpoint.pt`` (exactly: same final LoRA as without a stop).
         progress: show a tqdm bar (main process only).
         on_step: called as ``on_step(step, losses)`` after each optimizer step (main process).
+        device: ``"cpu"`` trains on the CPU even where CUDA is available; None (or ``"cuda"``): CUDA when
+            available (one device per process under ``accelerate launch``).
+
+    Nothing is written (``output_dir`` is not even created) until every argument has been checked: the
+    model's family and layer, the protocol, the data, the precision.
 
     Returns:
-        A summary: steps run, final losses, mask losses skipped (with reasons counted), time, paths.
+        A summary: steps run, final losses, mask losses skipped (with reasons counted), time, paths, the model,
+        layer, protocol and package version, the run's config and ``provenance``
+        (:func:`seg4diff_fast.utils.provenance.model_record`); ``summary.json`` holds it and
+        ``magnet_config.json`` the config with the provenance.
 
     Example:
         >>> import tempfile
@@ -128,15 +151,14 @@ def train_magnet(
         source = dataset.source
     if len(dataset) == 0:
         raise ValueError("the MAGNET dataset is empty")
-    os.makedirs(output_dir, exist_ok=True)
     ckpt_path = os.path.join(output_dir, CHECKPOINT_FILE)
     if os.path.exists(ckpt_path) and not resume:
         raise FileExistsError(f"{output_dir} already holds a MAGNET checkpoint; pass resume=True (CLI: --resume) to "
                               "continue it, or choose another output folder")
 
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ValueError("mixed_precision='fp16' needs CUDA; use 'bf16' or 'no' on a CPU")
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    on_cpu = (device is not None and str(device).split(":", 1)[0] == "cpu") or not torch.cuda.is_available()
+    check_precision(cfg.mixed_precision, on_cpu)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
     dev = acc.device
     pipe = pipe_or_path
     if pipe is None or isinstance(pipe, str):
@@ -145,6 +167,9 @@ def train_magnet(
 
         pipe = load_pipeline(resolve_model(pipe), dtype="float32", device=str(dev))
     from ..reader import resolve_defaults
+    from ..utils.provenance import model_record
+
+    record = model_record(pipe, pipe_or_path if isinstance(pipe_or_path, str) else None)
 
     defaults = resolve_defaults(pipe)
     reader = PipelineReader(pipe, defaults=defaults, text_length=cfg.t5_length, backend=cfg.backend,
@@ -157,7 +182,11 @@ def train_magnet(
     (layer,) = reader.check_layers(defaults.layer if cfg.layer is None else cfg.layer, "MAGNET")
     t5_length = reader.text_length
     resolution = reader.resolution
-    run_cfg = {**cfg.to_dict(), "layer": layer, "t5_length": t5_length, "resolution": resolution}
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers()
+    targets = tuple(cfg.target_modules or family.lora_targets)
+    run_cfg = {**cfg.to_dict(), "layer": layer, "t5_length": t5_length, "resolution": resolution,
+               "num_workers": workers, "target_modules": list(targets)}
+    os.makedirs(output_dir, exist_ok=True)  # every argument checked: nothing is written before this
 
     torch.manual_seed(cfg.seed)  # LoRA (gaussian) and head init
     for name in ("vae", *family.text_encoders):
@@ -166,7 +195,7 @@ def train_magnet(
     tr.to(device=dev)
     if cfg.mixed_precision == "no" and tr.dtype != torch.float32:
         tr.to(dtype=torch.float32)  # without autocast every weight must be float32
-    lora_params = add_magnet_lora(tr, cfg.rank, cfg.alpha, cfg.target_modules or family.lora_targets)
+    lora_params = add_magnet_lora(tr, cfg.rank, cfg.alpha, targets)
     for p in lora_params:  # trained weights stay float32 under mixed precision
         p.data = p.data.float()
     if cfg.gradient_checkpointing:
@@ -204,7 +233,7 @@ def train_magnet(
     total_micro = cfg.max_steps * cfg.grad_accum
     sampler = _Order(len(data), cfg.seed, start * cfg.grad_accum, cfg.batch_size, acc.process_index,
                      acc.num_processes, total_micro, positions=cfg.paper)
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                                          collate_fn=PaperCollate(resolution) if cfg.paper else collate_prepared)
     batches = iter(loader)
 
@@ -312,9 +341,11 @@ def train_magnet(
     acc.wait_for_everyone()
     elapsed = time.perf_counter() - t0
     summary = {"steps": cfg.max_steps, "resumed_from": start, "final": last, "totals": totals, "skipped": skipped,
-               "seconds": round(elapsed, 2), "output_dir": output_dir, "config": run_cfg}
+               "seconds": round(elapsed, 2), "output_dir": output_dir, "model": record["model"],
+               "layer": layer, "protocol": cfg.protocol, "package_version": record["package_version"],
+               "config": run_cfg, "provenance": record}
     if main:
-        save_magnet_lora(output_dir, tr, head, config=run_cfg, pipeline_class=type(pipe)
+        save_magnet_lora(output_dir, tr, head, config={**run_cfg, "provenance": record}, pipeline_class=type(pipe)
                          if hasattr(type(pipe), "save_lora_weights") else None)
         checkpoint(cfg.max_steps)
         write_json(os.path.join(output_dir, "summary.json"), summary)

@@ -1,5 +1,6 @@
-"""Small helpers shared by the tests and benchmarks."""
+"""Small helpers shared by the tests, benchmarks and commands."""
 
 from .memory import peak_memory
+from .parallel import Parallelism, available_cores, plan_parallelism
 
-__all__ = ["peak_memory"]
+__all__ = ["Parallelism", "available_cores", "peak_memory", "plan_parallelism"]

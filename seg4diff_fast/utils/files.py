@@ -1,7 +1,10 @@
 """Small file helpers shared by every command that writes results: atomic writes and the label palette.
 
 A file is written to a hidden temporary name in its folder (``.<name>.<pid>.<n>.s4d-tmp``), flushed and
-fsynced, then renamed over the final name, so a file at a final name is always whole.
+fsynced, then renamed over the final name, so a file at a final name is always whole. It gets the permissions a
+plain ``open(path, "w")`` would give (:func:`plain_file_mode`): ``0o666 & ~umask`` for a new file, the old
+file's mode when it replaces one; writers that create their files privately (safetensors writes ``0o600``)
+are corrected with :func:`set_plain_mode`.
 """
 
 from __future__ import annotations
@@ -9,10 +12,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import stat
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TMP_SUFFIX", "atomic_torch_save", "atomic_write", "write_json", "palette"]
+__all__ = ["TMP_SUFFIX", "atomic_torch_save", "atomic_write", "current_umask", "palette", "plain_file_mode",
+           "set_plain_mode", "write_json"]
 
 TMP_SUFFIX = ".s4d-tmp"
 _counter = itertools.count()
@@ -51,9 +56,51 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the platform allows (Linux: /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but brief)
+    os.umask(mask)
+    return mask
+
+
+def plain_file_mode(path: str | None = None) -> int:
+    """The permission bits a plain ``open(path, "w")`` leaves ``path`` with: an existing regular file's own
+    mode (a write keeps it), else ``0o666 & ~umask``.
+
+    Example:
+        >>> old = os.umask(0o027)
+        >>> oct(plain_file_mode())
+        '0o640'
+        >>> _ = os.umask(old)
+    """
+    if path is not None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    return 0o666 & ~current_umask()
+
+
+def set_plain_mode(path: str, final: str | None = None) -> None:
+    """Give the file ``path`` the mode a plain write of ``final`` (default: ``path``) would have
+    (:func:`plain_file_mode`); for files written by code that creates them ``0o600`` before they are moved to
+    ``final``."""
+    os.chmod(path, plain_file_mode(final if final is not None else path))
+
+
 def atomic_write(path: str, data: bytes | Callable[[Any], None], fsync: bool = True) -> None:
     """Write ``data`` (bytes, or a function writing to a binary file object) to ``path`` atomically: a
     temporary file in the same folder, flushed (and fsynced), renamed over ``path``; the folder is created.
+    The file gets the mode a plain write would give it (:func:`plain_file_mode`).
 
     Example:
         >>> import os, tempfile
@@ -65,8 +112,11 @@ def atomic_write(path: str, data: bytes | Callable[[Any], None], fsync: bool = T
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{next(_counter)}{TMP_SUFFIX}")
+    mode = plain_file_mode(path)
     try:
-        with open(tmp, "wb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        with open(fd, "wb") as f:
+            os.chmod(tmp, mode)  # what a plain write gives (umask applied, or the replaced file's mode)
             if isinstance(data, (bytes, bytearray, memoryview)):
                 f.write(data)
             else:
