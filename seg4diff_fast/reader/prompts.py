@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PromptChunk", "clean_name", "content_limit", "plan_prompts", "tokenizer_spans"]
+__all__ = ["PromptChunk", "clean_name", "content_limit", "plan_prompts", "special_ids", "tokenizer_spans"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ def content_limit(tokenizer: Any) -> int:
     return int(tokenizer.model_max_length) - len(empty)
 
 
-def _special_ids(tokenizer: Any) -> set[int]:
+def special_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS, EOS, padding, unknown and the rest it declares)."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
         v = getattr(tokenizer, name, None)
@@ -126,7 +127,7 @@ def plan_prompts(
     if not 1 <= max_tokens <= limit:
         raise ValueError(f"max_tokens must be in 1..{limit}, got {max_tokens}")
     locate = locate or (lambda prompt: tokenizer_spans(tokenizer, prompt))
-    specials = _special_ids(tokenizer)
+    specials = special_ids(tokenizer)
     texts, counts = [], []
     for name in names:
         text = clean_name(name, split_dash)

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .prompts import clean_name
+from .prompts import clean_name, special_ids
 
 __all__ = ["LIST_LIMIT", "UnknownWord", "VocabularyCheck", "check_repeated", "check_vocabulary", "known_words",
            "word_pieces"]
@@ -75,15 +75,6 @@ def check_repeated(names: Sequence[str], where: str = "--classes") -> None:
     raise ValueError(f"{where}: {'; '.join(parts)}{more}; each class needs its own name: {fix}")
 
 
-def _specials(tokenizer: Any) -> set[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
-        v = getattr(tokenizer, name, None)
-        if v is not None:
-            ids.add(int(v))
-    return ids
-
-
 def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -102,7 +93,7 @@ def word_pieces(tokenizer: Any, word: str) -> tuple[str, ...]:
         >>> word_pieces(tiny_clip_tokenizer(), "cat"), word_pieces(tiny_clip_tokenizer(), "sofa")
         (('cat',), ('so', 'fa'))
     """
-    specials = _specials(tokenizer)
+    specials = special_ids(tokenizer)
     best: list[int] | None = None
     for text in (word, " " + word):
         ids = [i for i in _ids(tokenizer, text) if i not in specials]
@@ -129,7 +120,7 @@ def known_words(tokenizer: Any, limit: int = LIST_LIMIT) -> list[str] | None:
         return None
     if len(vocab) > limit:
         return None
-    specials = _specials(tokenizer)
+    specials = special_ids(tokenizer)
     words = set()
     for token_id in vocab.values():
         if token_id in specials:
