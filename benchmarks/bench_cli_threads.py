@@ -134,7 +134,7 @@ def run_once(tree: str, name: str, setting: tuple, data, tmp: str, cores: int) -
         m = re.search(r"(\d+) labeled.*?([\d.]+) s, ([\d.]+) images/s", p.stdout)  # the rate has more digits
         r["label_s"], r["images_per_s"] = round(int(m.group(1)) / float(m.group(3)), 3), float(m.group(3))
     if name == "eval":  # the bar's last line: "50/50 [00:05<00:00, 9.12img/s]"
-        m = re.findall(r"(\d+)/\d+ \[[^\]]*?, ([\d.]+)(img/s|s/img)\]", p.stderr)[-1]
+        m = re.findall(r"(\d+)/\d+ \[[^\]]*?,\s*([\d.]+)(img/s|s/img)\]", p.stderr)[-1]
         r["eval_s"] = round(int(m[0]) / float(m[1]) if m[2] == "img/s" else int(m[0]) * float(m[1]), 2)
     if name == "magnet":
         m = re.search(r"(\d+) steps in ([\d.]+) s", p.stdout)
