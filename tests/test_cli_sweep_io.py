@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from _cli_run import cli_subprocesses, error_lines
 from PIL import Image
 
 from seg4diff_fast import cli
@@ -21,26 +20,6 @@ from seg4diff_fast.shapes.shipped import default_model_path
 from seg4diff_fast.shapes.world import WORDS
 from seg4diff_fast.testing import tiny_sd3_pipeline
 from seg4diff_fast.utils.version import __version__
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cli_subprocesses(runs: list[tuple[list[str], str]], env_extra: dict[str, str] | None = None) -> list:
-    """``python -m seg4diff_fast.cli ARGS`` for every (args, cwd), all started at once; (rc, stdout, stderr)."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    procs = [subprocess.Popen([sys.executable, "-m", "seg4diff_fast.cli", *args], cwd=cwd, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, cwd in runs]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        out.append((p.returncode, stdout, stderr))
-    return out
-
-
-def _lines(stderr: str) -> list[str]:
-    """stderr without library chatter (transformers' notes about optional image backends)."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
 
 
 def _scene_image(path, seed: int = 0, size: int = 32) -> str:
@@ -72,14 +51,14 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path):
         (["label", "--images", image, "--classes", "red circle, background,red circle", "--out", "l2"],
          '"red circle" is given twice (classes 1 and 3)'),
     ]
-    results = _cli_subprocesses([(args, str(work)) for args, _ in runs], {"CUDA_VISIBLE_DEVICES": ""})
+    results = cli_subprocesses([(args, str(work)) for args, _ in runs], {"CUDA_VISIBLE_DEVICES": ""})
     for (args, what), (rc, stdout, stderr) in zip(runs, results):
-        lines = _lines(stderr)
+        lines = error_lines(stderr)
         assert rc == 2, (args, stderr)
         assert "Traceback" not in stderr and len(lines) == 1, (args, stderr)
         assert lines[0].startswith(f"seg4diff-fast {args[0]}: error: ") and what in lines[0], (args, lines)
         assert stdout == "", (args, stdout)  # the demo says nothing (no header, no core-op check) before refusing
-    assert "use --device cpu" in _lines(results[0][2])[0]
+    assert "use --device cpu" in error_lines(results[0][2])[0]
     assert os.listdir(work) == []
 
 
@@ -88,23 +67,23 @@ def test_unknown_words_warn_and_strict_refuses(tmp_path, capsys, one_thread):
     --strict refuses; its own words pass silently; a repeated name is an error."""
     image = _scene_image(tmp_path / "astronaut.png")
     assert cli.main(["segment", image, "--classes", "person,cat,cup", "--out", str(tmp_path / "o1")]) == 0
-    err = _lines(capsys.readouterr().err)
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("seg4diff-fast segment: warning:"), err
     assert '"cat" (read as c a t)' in err[0] and '"cup" (read as c u p)' in err[0]
     assert f"the words it knows: {', '.join(sorted(WORDS))}" in err[0]
 
     out = tmp_path / "o2"
     assert cli.main(["segment", image, "--classes", "person,cat,cup", "--out", str(out), "--strict"]) == 2
-    err = _lines(capsys.readouterr().err)
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("seg4diff-fast segment: error: --strict:") and '"cat"' in err[0]
     assert not out.exists()
 
     assert cli.main(["segment", image, "--classes", "red circle,background", "--out", str(tmp_path / "o3"),
                      "--strict"]) == 0
-    assert _lines(capsys.readouterr().err) == []
+    assert error_lines(capsys.readouterr().err) == []
 
     assert cli.main(["segment", image, "--classes", "red,blue,red", "--out", str(out)]) == 2
-    err = _lines(capsys.readouterr().err)
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and '"red" is given twice (classes 1 and 3)' in err[0] and not out.exists()
 
 
@@ -142,7 +121,7 @@ def test_segment_names_both_files_of_a_stem_collision(tmp_path, capsys):
     first, second = _scene_image(tmp_path / "a" / "x.png"), _scene_image(tmp_path / "b" / "x.jpg")
     out = tmp_path / "out"
     assert cli.main(["segment", first, second, "--classes", "red,blue", "--out", str(out)]) == 2
-    err = _lines(capsys.readouterr().err)
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and first in err[0] and second in err[0] and "'x'" in err[0]
     assert not out.exists()
 
@@ -159,7 +138,7 @@ def test_label_exit_status_records_and_formats(model_dir, tmp_path, capsys):
     assert cli.main(argv) == 1  # done, but one input failed
     captured = capsys.readouterr()
     assert "2 labeled" in captured.out and "1 errors" in captured.out
-    err = _lines(captured.err)
+    err = error_lines(captured.err)
     assert len(err) == 1 and err[0].startswith("seg4diff-fast label: error: 1 of 3 inputs could not be read")
     assert os.path.join(str(out), "errors.jsonl") in err[0] and "--allow-failures" in err[0]
     info = json.loads((out / "labels.json").read_text())
@@ -174,7 +153,7 @@ def test_label_exit_status_records_and_formats(model_dir, tmp_path, capsys):
                         (["--format", "yolo-seg", "--yolo-tolerance", "-1"], "--yolo-tolerance must be >= 0"),
                         (["--threads", "0"], "--threads must be >= 1")):
         assert cli.main([*argv[:6], str(bad), *argv[7:], *extra]) == 2
-        err = _lines(capsys.readouterr().err)
+        err = error_lines(capsys.readouterr().err)
         assert len(err) == 1 and what in err[0], err
         assert not bad.exists()
 

@@ -6,38 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+from _cli_run import cli_subprocesses, error_lines
 from PIL import Image
 
 from seg4diff_fast import cli
 from seg4diff_fast.utils.files import atomic_torch_save, atomic_write, write_json
 from seg4diff_fast.utils.provenance import model_record
 from seg4diff_fast.utils.version import __version__
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cli_subprocesses(runs: list[tuple[list[str], str]], env_extra: dict[str, str] | None = None) -> list:
-    """Run ``python -m seg4diff_fast.cli ARGS`` for every (args, cwd) at once (each pays the imports); the
-    finished processes, in order."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    procs = [subprocess.Popen([sys.executable, "-m", "seg4diff_fast.cli", *args], cwd=cwd, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args, cwd in runs]
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        out.append((p.returncode, stdout, stderr))
-    return out
-
-
-def _error_lines(stderr: str) -> list[str]:
-    """stderr without library chatter (transformers' notes about optional image backends)."""
-    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[transformers]")]
 
 
 def _folder_dataset(root) -> list[str]:
@@ -68,15 +47,15 @@ def test_bad_arguments_are_one_line_and_write_nothing(tmp_path):
         (["magnet", "--data", "shapes:4", "--out", "m_layer", "--layer", "9"], "layer 9"),
     ]
     # CUDA_VISIBLE_DEVICES="" makes a CUDA build behave as a machine without a GPU, so the test runs anywhere
-    results = _cli_subprocesses([(args, str(work)) for args, _ in runs], {"CUDA_VISIBLE_DEVICES": ""})
+    results = cli_subprocesses([(args, str(work)) for args, _ in runs], {"CUDA_VISIBLE_DEVICES": ""})
     for (args, what), (rc, stdout, stderr) in zip(runs, results):
-        lines = _error_lines(stderr)
+        lines = error_lines(stderr)
         assert rc == 2, (args, stderr)
         assert "Traceback" not in stderr and len(lines) == 1, (args, stderr)
         assert lines[0].startswith(f"seg4diff-fast {args[0]}: error: ") and what in lines[0], (args, lines)
         assert stdout == ""
-    assert "use --device cpu" in _error_lines(results[0][2])[0]
-    assert "valid layers are 0..5" in _error_lines(results[3][2])[0]
+    assert "use --device cpu" in error_lines(results[0][2])[0]
+    assert "valid layers are 0..5" in error_lines(results[3][2])[0]
     assert os.listdir(work) == []  # no output folder, no results file
 
 
@@ -85,7 +64,7 @@ def test_eval_missing_model_is_one_line(tmp_path, capsys):
     data = _folder_dataset(tmp_path / "ds")
     out = tmp_path / "e" / "r.json"
     assert cli.main(["eval", *data, "--out", str(out), "--model", str(tmp_path / "nonexistent")]) == 2
-    err = _error_lines(capsys.readouterr().err)
+    err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"seg4diff-fast eval: error: --model {tmp_path / 'nonexistent'}")
     assert not (tmp_path / "e").exists()
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..reader import PipelineReader, TextState
 from ..utils.files import atomic_torch_save, write_json
+from ..utils.parallel import default_workers  # workers when MagnetConfig.num_workers is None (re-exported)
 from .batch import PaperCollate, PreparedData, collate_prepared, plan_tokens, predictions_and_targets
 from .config import MagnetConfig
 from .head import MapHead
@@ -80,14 +81,6 @@ def check_precision(mixed_precision: str, on_cpu: bool) -> None:
     """Refuse fp16 autocast on a CPU (torch has no fp16 CPU autocast for training)."""
     if mixed_precision == "fp16" and on_cpu:
         raise ValueError("mixed_precision='fp16' needs CUDA; use 'bf16' or 'no' on a CPU")
-
-
-def default_workers() -> int:
-    """DataLoader workers when :attr:`MagnetConfig.num_workers` is None: the commands' plan
-    (:func:`seg4diff_fast.utils.parallel.plan_parallelism`; 0 on <= 2 cores, else min(4, cores // 4))."""
-    from ..utils.parallel import plan_parallelism
-
-    return plan_parallelism().workers
 
 
 def train_magnet(
