@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -215,6 +216,29 @@ def bench(args) -> dict:
             "results": results}
 
 
+def decisions(repeats: int = 10) -> dict:
+    """What ``plan_parallelism()`` chooses with 0, 1, 2 busy loops running (``repeats`` calls each, 0.3 s apart)."""
+    sys.path.insert(0, ROOT)
+    from seg4diff_fast.utils.parallel import plan_parallelism
+
+    out = {}
+    for n in (0, 1, 2):
+        load = start_load(n)
+        try:
+            time.sleep(1.0)
+            plans = []
+            for _ in range(repeats):
+                plans.append(plan_parallelism())
+                time.sleep(0.3)
+        finally:
+            stop_load(load)
+        out[f"busy_loops={n}"] = {"threads": [p.threads for p in plans], "workers": [p.workers for p in plans],
+                                  "idle_cores": [p.idle for p in plans]}
+        print(n, json.dumps(out[f"busy_loops={n}"]), flush=True)
+        time.sleep(1.0)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--commands", default="eval,magnet", help="comma list of label, eval, magnet (label: "
@@ -228,8 +252,22 @@ def main(argv=None) -> dict:
     p.add_argument("--load", type=int, default=0, help="busy-loop processes running meanwhile (0: quiet)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/ (tracked) instead of out/bench/")
     p.add_argument("--json", help="output path (default: see --save)")
+    p.add_argument("--decisions", action="store_true",
+                   help="instead: what plan_parallelism() chooses with 0, 1 and 2 busy loops (JSON key 'decisions')")
     args = p.parse_args(argv)
     path = args.json or os.path.join(HERE, "results" if args.save else SCRATCH, "cli_threads_cpu.json")
+    if args.decisions:
+        doc = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                doc = json.load(f)
+        doc["decisions"] = {"at": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1min_before": os.getloadavg()[0],
+                            **decisions()}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {path}")
+        return doc
     r = bench(args)
     import torch
 
@@ -245,10 +283,13 @@ def main(argv=None) -> dict:
     cond = "quiet" if not args.load else f"loaded-{args.load}"
     entry = doc.setdefault("runs", {}).setdefault(cond, {}).setdefault(
         args.tree_name or tree_label(os.path.abspath(args.tree)), {})
+    measured = {"command": "python benchmarks/bench_cli_threads.py " + " ".join(
+                    shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+                "loadavg_1min_start_end": r["loadavg_1min"], "at": time.strftime("%Y-%m-%d %H:%M")}
     for name, rows in r["results"].items():
+        for row in rows.values():
+            row["measured"] = measured  # settings measured together share it (interleaved)
         entry.setdefault(name, {}).update(rows)
-    entry["_loadavg_1min_start_end"] = r["loadavg_1min"]
-    entry["_command"] = "python benchmarks/bench_cli_threads.py " + " ".join(sys.argv[1:] if argv is None else argv)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

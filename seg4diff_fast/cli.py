@@ -91,7 +91,8 @@ def environment_report() -> str:
         "  torch: available (memory-lean chunked attention, any device)",
         "  reference: available (materialises the softmax; for checks)",
         f"C++ extension seg4diff_fast._C: {ext}",
-        f"CPU: {available_cores()} cores; commands default to {par.line()} (--threads, --workers)",
+        f"CPU: {available_cores()} cores; a command started now would use {par.line()}; --threads, --workers "
+        "override",
     ]
     return "\n".join(lines)
 

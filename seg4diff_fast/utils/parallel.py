@@ -2,9 +2,10 @@
 
 torch's intra-op threads and DataLoader worker processes share the cores with each other and with whatever
 else runs on the machine; when they outnumber the free cores, torch's OpenMP threads spin at every barrier
-waiting for a thread that is not running (``benchmarks/LABEL.md``: on 2 cores with 2 other busy processes,
-``label`` with 2 threads and 4 workers is 4× slower than with 1 thread and none, ``magnet`` with 2 threads
-several times slower than with 1). :func:`plan_parallelism` splits the budget:
+waiting for a thread that is not running (``benchmarks/LABEL.md``, 2 cores with 2 other busy processes:
+``label`` with 2 threads and 4 workers 2–4× slower than with 1 thread and none, ``eval`` with 2 threads 7×
+and ``magnet`` 2–10× slower than with 1; on the quiet machine 2 threads are 1.1–1.4× faster than 1).
+:func:`plan_parallelism` splits the budget:
 
 - workers (:func:`default_workers`): none on ≤ 2 cores (decoding in the main process is cheaper than a
   process that competes for the only other core), else ``min(4, cores // 4)``, and never more than the
