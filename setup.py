@@ -101,8 +101,10 @@ setup(
     package_dir={"seg4diff_fast.kernels": "kernels"},
     include_package_data=True,
     # data/**/* holds the class-name lists and the demo's scenes (data/demo/); shapes/weights/ is the embedded
-    # ShapesWorld pipeline, the CLI's default model (`seg4diff-fast demo` needs both in a non-editable install).
-    package_data={"seg4diff_fast": ["data/**/*", "data/demo/*", "shapes/weights/**/*", "shapes/NOTES.md", "py.typed"]},
+    # ShapesWorld pipeline, the CLI's default model, shapes/magnet_lora/ its MAGNET LoRA (the demo's MAGNET side;
+    # `seg4diff-fast demo` needs them all in a non-editable install).
+    package_data={"seg4diff_fast": ["data/**/*", "data/demo/*", "shapes/weights/**/*", "shapes/magnet_lora/*",
+                                    "shapes/NOTES.md", "py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

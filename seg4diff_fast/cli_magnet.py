@@ -10,7 +10,10 @@ One device as is, several with accelerate:
     accelerate launch -m seg4diff_fast.cli magnet --model PATH --data sa1b:/data/sa1b --out runs/magnet_sa1b
 
 --paper (default) trains as the authors' code does; --corrected with this package's choices
-(docs/PAPER_PROTOCOL_MAGNET.md).
+(docs/PAPER_PROTOCOL_MAGNET.md). Settings not given come from the model, as the expert layer does: a model
+folder may ship its own MAGNET recipe (:mod:`seg4diff_fast.magnet.recipe`; the embedded ShapesWorld model's:
+lr 3e-3, 50 warm-up steps of 1200, batch 16, no conv head, the background class trained), else the authors'
+SD3 settings (lr 1e-4, 500 of 3000, batch 8, the conv head).
 
 Every argument is checked before anything is written (a bad one leaves no OUT folder). On ShapesWorld data
 the run ends with the trained layer's mIoU (protocols A and B) on --heldout-scenes held-out scenes, before
@@ -53,19 +56,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder")
     add_model_arguments(p, lora=False)  # --dtype auto: float32 here (the training precision is --mixed-precision)
     p.add_argument("--layer", type=int, help="expert layer (default: the model's; 9 for SD3)")
-    p.add_argument("--max-steps", type=int, default=3000, help="optimizer steps (3000)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per device per micro-step (8)")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the model's recipe, else 3000)")
+    p.add_argument("--batch-size", type=int, help="images per device per micro-step (default: the model's recipe, "
+                                                   "else 8)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (1)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (1e-4, the authors' code)")
-    p.add_argument("--warmup-steps", type=int, default=500,
-                   help="linear warm-up, then cosine (500); longer than --max-steps: a warning, kept as given")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: the model's recipe, else 1e-4, the "
+                                             "authors' code)")
+    p.add_argument("--warmup-steps", type=int,
+                   help="linear warm-up, then cosine (default: the model's recipe, else 500); longer than "
+                        "--max-steps: a warning, kept as given")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (16); alpha = --alpha (16)")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--lambda-focal", type=float, default=0.1)
     p.add_argument("--lambda-dice", type=float, default=0.2)
     p.add_argument("--head-reduce", default="none", choices=["none", "mean"],
                    help="matched (SA-1B) data: per-head candidates (none, the authors') or the head mean")
-    p.add_argument("--no-conv-head", action="store_true", help="train without the residual conv head")
+    p.add_argument("--conv-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the residual conv head beside the LoRA (default: the model's recipe, else on, as the "
+                        "authors do); segmentation reads the maps without it")
+    p.add_argument("--background", action=argparse.BooleanOptionalAction, default=None,
+                   help="shapes data: train the world's background class too (default: the model's recipe, else on)")
     p.add_argument("--resolution", type=int, help="image side (default: 1024; the world size for shapes)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -140,24 +150,40 @@ def _run(args: argparse.Namespace) -> int:
     from .models import ModelNotAvailableError
 
     try:
-        if args.protocol is None:
-            from .reader import model_family
-            from .shapes.shipped import resolve_model
+        from .magnet.recipe import model_recipe
+        from .reader import model_family
+        from .shapes.shipped import resolve_model
 
-            args.protocol = "paper" if model_family(resolve_model(args.model)).authors_magnet else "corrected"
+        model_path = resolve_model(args.model)
+        recipe = model_recipe(model_path)  # the model's own settings, where the user gave none
+        given = {"lr": args.lr, "warmup_steps": args.warmup_steps, "max_steps": args.max_steps,
+                 "batch_size": args.batch_size, "conv_head": args.conv_head, "protocol": args.protocol}
+        settings = {k: recipe[k] for k in given if given[k] is None and k in recipe}
+        settings.update({k: v for k, v in given.items() if v is not None})
+        steps = settings.get("max_steps", MagnetConfig.max_steps)
+        if args.warmup_steps is None and steps <= settings.get("warmup_steps", MagnetConfig.warmup_steps):
+            settings["warmup_steps"] = steps // 10  # a default warm-up scaled to a short run (a given one: warned)
+        if "protocol" not in settings:
+            settings["protocol"] = "paper" if model_family(model_path).authors_magnet else "corrected"
+        args.protocol = settings["protocol"]
         cfg = MagnetConfig(
-            protocol=args.protocol, layer=args.layer, rank=args.rank, alpha=args.alpha, lambda_focal=args.lambda_focal,
-            lambda_dice=args.lambda_dice, head_reduce=args.head_reduce, conv_head=not args.no_conv_head,
-            lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps, batch_size=args.batch_size,
-            grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm or None, resolution=args.resolution,
+            layer=args.layer, rank=args.rank, alpha=args.alpha, lambda_focal=args.lambda_focal,
+            lambda_dice=args.lambda_dice, head_reduce=args.head_reduce, grad_accum=args.grad_accum,
+            max_grad_norm=args.max_grad_norm or None, resolution=args.resolution,
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
-            seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=par.workers,
+            seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=par.workers, **settings,
         )
         import torch
 
         on_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available()
         check_precision(cfg.mixed_precision, on_cpu)
-        data = open_magnet_data(args.data, protocol=args.protocol)
+        kind = args.data.split(":", 1)[0].strip().lower()
+        if args.background is not None and kind != "shapes":
+            raise CLIError("--background/--no-background choose whether ShapesWorld data trains its background "
+                           f"class; --data {args.data} has no such class (drop the option)")
+        background = args.background if args.background is not None else recipe.get("include_background", True)
+        data = open_magnet_data(args.data, protocol=args.protocol,
+                                **({"include_background": background} if kind == "shapes" else {}))
     except (ValueError, TypeError, ModelNotAvailableError) as e:
         raise CLIError(str(e).removeprefix("MagnetConfig: ")) from None
     warning = warmup_warning(cfg.max_steps, cfg.warmup_steps)
@@ -184,6 +210,10 @@ def _run(args: argparse.Namespace) -> int:
           f"final loss {final.get('loss', float('nan')):.4f} "
           f"(fm {final.get('fm', float('nan')):.4f}, focal {final.get('focal', float('nan')):.4f}, "
           f"dice {final.get('dice', float('nan')):.4f}); LoRA in {args.out}")
+    if summary.get("head_polarity", 1.0) < 0:
+        _warn(f"the trained conv head inverts its input (polarity {summary['head_polarity']:.3f}): the mask loss was "
+              "met through the head with the raw maps of the opposite sign, and segmentation reads the raw maps; "
+              "train again with --no-conv-head")
     if summary["skipped"]:
         print(f"samples without a mask loss: {summary['skipped']}")
     if isinstance(data, ShapesMagnetData) and not args.no_heldout:

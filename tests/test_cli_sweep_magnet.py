@@ -243,3 +243,53 @@ def test_magnet_cli_reports_heldout_miou(umask, tmp_path, capsys, one_thread):
                      "--warmup-steps", "0", "--rank", "2", "--no-heldout", "--threads", "1", "--no-progress",
                      "--out", str(out2)]) == 0
     assert "held-out" not in capsys.readouterr().out and "heldout" not in json.load(open(out2 / "summary.json"))
+
+
+def test_magnet_settings_come_from_the_models_recipe(tmp_path, one_thread):
+    """A bare ``magnet --data shapes`` on the embedded model trains with the model's own recipe (its
+    shapes_config.json "magnet" block: lr, batch, no conv head, the background class); what the user gives wins;
+    a warm-up from the recipe is scaled to a run shorter than it (no warning), and the data is recorded."""
+    from seg4diff_fast.magnet.recipe import model_recipe
+    from seg4diff_fast.models import default_model_path
+
+    recipe = model_recipe(default_model_path())
+    out = tmp_path / "bare"
+    assert cli.main(["magnet", "--data", "shapes:4", "--max-steps", "2", "--rank", "2", "--no-heldout",
+                     "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    cfg = json.load(open(out / "magnet_config.json"))
+    assert (cfg["lr"], cfg["batch_size"], cfg["conv_head"]) == (recipe["lr"], recipe["batch_size"], False)
+    assert cfg["max_steps"] == 2 and cfg["warmup_steps"] == 0 and cfg["layer"] == 1 and cfg["protocol"] == "paper"
+    assert not (out / "magnet_head.safetensors").exists()
+    assert "background class" in cfg["provenance"]["data"]
+
+    out2 = tmp_path / "given"
+    assert cli.main(["magnet", "--data", "shapes:4", "--max-steps", "1", "--batch-size", "1", "--lr", "1e-3",
+                     "--conv-head", "--no-background", "--rank", "2", "--no-heldout", "--threads", "1",
+                     "--no-progress", "--out", str(out2)]) == 0
+    cfg2 = json.load(open(out2 / "magnet_config.json"))
+    assert (cfg2["lr"], cfg2["batch_size"], cfg2["conv_head"]) == (1e-3, 1, True)
+    assert (out2 / "magnet_head.safetensors").exists() and "background" not in cfg2["provenance"]["data"]
+
+
+def test_magnet_without_a_recipe_keeps_the_authors_settings(tmp_path):
+    """A model folder without a recipe: the authors' SD3 settings (MagnetConfig's defaults)."""
+    from seg4diff_fast.magnet import MagnetConfig
+    from seg4diff_fast.magnet.recipe import model_recipe
+    from seg4diff_fast.testing import tiny_sd3_pipeline
+
+    folder = tmp_path / "tiny"
+    tiny_sd3_pipeline(t5=False).save_pretrained(folder)
+    assert model_recipe(str(folder)) == {}
+    (folder / "shapes_config.json").write_text(json.dumps({"magnet": {"lr": 1e-3, "learning_rate": 2}}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        model_recipe(str(folder))
+    d = MagnetConfig()
+    assert (d.lr, d.warmup_steps, d.max_steps, d.batch_size, d.conv_head) == (1e-4, 500, 3000, 8, True)
+
+
+def test_background_option_is_for_shapes_only(tmp_path, capsys):
+    (tmp_path / "coco").mkdir()
+    assert cli.main(["magnet", "--data", f"coco:{tmp_path / 'coco'}", "--no-background", "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--background" in err[0] and not (tmp_path / "o").exists()

@@ -83,3 +83,21 @@ def test_head_file_round_trip(tmp_path):
     x = torch.randn(4, 6, 6)
     assert torch.equal(loaded.reader("paper")(x), head.reader("paper")(x))
     assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_polarity_names_a_head_that_inverts_its_input():
+    """MapHead.polarity: +1 for the identity (zero-initialised), negative for a head whose convs compute −2x
+    (x + conv(x) = −x), as a head that met the mask loss with inverted raw maps does."""
+    import torch
+
+    from seg4diff_fast.magnet.head import MapHead
+
+    assert MapHead().polarity() == 1.0
+    head = MapHead(width=1)
+    with torch.no_grad():
+        for conv in head.net[::2]:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.weight[0, 0, 1, 1] = 1.0
+        head.net[-1].weight[0, 0, 1, 1] = -2.0  # relu(relu(x)) = x on the bump (x >= 0): x − 2x = −x
+    assert head.polarity() == -1.0

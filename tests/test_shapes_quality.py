@@ -19,6 +19,8 @@ from seg4diff_fast.shapes.train import evaluate_grounding, heldout_scenes
 # measured on the shipped weights with 200 held-out scenes (README, "ShapesWorld"): A 70.0, B 48.2, and A on
 # the scenes whose objects differ in colour 89.1; each threshold is that minus a margin
 MIN_A, MIN_B, MIN_A_DISTINCT = 62.0, 40.0, 82.0
+# the shipped MAGNET LoRA on the expert block, 64 held-out scenes (measured values in the tests' docstrings)
+MIN_MAGNET_B, MIN_MAGNET_B_LIFT, MIN_SHAPE_WORD_LIFT = 60.0, 12.0, 3.0
 WEAK_LAYER = 2  # a block that grounds poorly zero-shot (A 26.1, B 17.5): MAGNET's target
 
 
@@ -47,35 +49,61 @@ def test_zero_shot_quality_at_the_expert_layer(sweep):
     assert sweep["A_shared_colour"][EXPERT_LAYER] < sweep["A_distinct_colours"][EXPERT_LAYER]
 
 
-def test_expert_layer_is_the_sweep_best_and_stable_across_seeds(pipe, sweep):
-    """Protocol A's best block is EXPERT_LAYER on the fixed held-out set, and again with other noise seeds
-    on other held-out scenes."""
-    from seg4diff_fast import Seg4DiffSegmenter
-    from seg4diff_fast.evaluation import MeanIoU
-    from seg4diff_fast.shapes import CLASSES, ShapesWorld
+def test_expert_layer_is_the_sweep_best_and_stable_across_seeds_and_scene_sets(pipe, sweep):
+    """The best block for protocol A and for protocol B is EXPERT_LAYER on the fixed held-out set, and again
+    for 3 noise seeds on each of 2 disjoint scene sets (the held-out seeds and seeds from 100 000). Measured
+    on 200 scenes a set (README, "ShapesWorld"): block 1 wins all 12 picks; the runner-up is block 4."""
+    from seg4diff_fast.shapes import ShapesWorld
+    from seg4diff_fast.shapes.grounding import layer_stability
 
-    assert int(np.argmax(sweep["A"])) == EXPERT_LAYER
-    n_layers = len(sweep["A"])
-    for seed in (1, 2):
-        scenes = [s for s in (ShapesWorld(500 + 1000 * seed + i, SIZE).sample() for i in range(160))
-                  if len(s.object_classes) >= 2]
-        seg = Seg4DiffSegmenter(pipe, layer=list(range(n_layers)), seed=seed, batch_size=32)
-        res = seg([s.image for s in scenes], classes=[s.object_classes for s in scenes], per_layer=True)
-        meters = [MeanIoU(len(CLASSES)) for _ in range(n_layers)]
-        for s, r in zip(scenes, res):
-            gt = np.where(s.label_map == 0, 255, s.global_label_map())
-            lut = np.array([CLASSES.index(c) for c in s.object_classes])
-            for j in range(n_layers):
-                meters[j].update(lut[r[j].label_map], gt)
-        per_layer = [m.compute()["mIoU"] for m in meters]
-        assert int(np.argmax(per_layer)) == EXPERT_LAYER, (seed, per_layer)
+    assert int(np.argmax(sweep["A"])) == EXPERT_LAYER and int(np.argmax(sweep["B"])) == EXPERT_LAYER
+    sets = [heldout_scenes(64, SIZE), [ShapesWorld(100_000 + i, SIZE).sample() for i in range(64)]]
+    r = layer_stability(pipe, sets, seeds=(0, 1, 2), t5_length=T5_LENGTH)
+    assert len(r["runs"]) == 6 and r["stable"] and r["best_A"] == r["best_B"] == [EXPERT_LAYER], r
 
 
-def test_generation_puts_the_named_colour_in_the_objects_own_mask(pipe):
-    from seg4diff_fast.shapes.grounding import generation_grounding
+def test_colour_words_ground_and_shape_words_barely(pipe):
+    """Why protocol A stops near 70 zero-shot (README, "ShapesWorld"): a colour word's map alone finds its
+    object (measured 97.6 % of object pixels on 200 scenes, chance 43 %), a shape word's barely (51.2 %, chance
+    40 %). Thresholds: both above chance, colour by a wide margin."""
+    from seg4diff_fast.shapes.grounding import word_grounding
 
-    g = generation_grounding(pipe, EXPERT_LAYER, n=8, steps=12)
-    assert g["gen_mask_colour_acc"] >= 0.75, g  # chance 0.25
+    w = word_grounding(pipe, heldout_scenes(96, SIZE), EXPERT_LAYER, t5_length=T5_LENGTH)
+    assert w["n_colour_scenes"] >= 30 and w["n_shape_scenes"] >= 50
+    assert w["colour"] >= 90 and w["colour"] >= w["colour_chance"] + 40, w
+    assert w["shape"] >= w["shape_chance"] + 3, w
+
+
+@pytest.fixture(scope="module")
+def shipped_lora():
+    """The shipped MAGNET LoRA measured as a user loads it (a fresh pipeline, ``load_magnet_lora``), on 64
+    held-out scenes, with 8 generated images each side."""
+    from seg4diff_fast.magnet.shapes_check import lora_check
+    from seg4diff_fast.shapes.shipped import MAGNET_LORA_DIR
+
+    torch.set_num_threads(1)
+    return lora_check(MAGNET_LORA_DIR, scenes=64, generate=8)
+
+
+def test_shipped_magnet_lora_lifts_the_expert_block(shipped_lora):
+    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: B MAGNET_B_200 from
+    ZERO_SHOT_B_200, A MAGNET_A_200 from ZERO_SHOT_A_200): B rises by a margin no noise gives, A does not fall, the
+    flow-matching loss stays within +5 %, and the shape words ground better than before."""
+    r = shipped_lora
+    assert r["layer"] == EXPERT_LAYER
+    b0, b1 = r["before"]["B"][EXPERT_LAYER], r["after"]["B"][EXPERT_LAYER]
+    a0, a1 = r["before"]["A"][EXPERT_LAYER], r["after"]["A"][EXPERT_LAYER]
+    assert b1 >= MIN_MAGNET_B and b1 >= b0 + MIN_MAGNET_B_LIFT, (b0, b1)
+    assert a1 >= a0 - 1.0, (a0, a1)
+    assert r["fm_loss_change"] <= 0.05, r["fm_loss_change"]
+    assert r["after"]["words"]["shape"] >= r["before"]["words"]["shape"] + MIN_SHAPE_WORD_LIFT, (
+        r["before"]["words"], r["after"]["words"])
+
+
+def test_generation_follows_the_caption_with_and_without_the_lora(shipped_lora):
+    """The caption's colour is the dominant colour inside the generated object's own mask (chance 0.25)."""
+    for when in ("before", "after"):
+        assert shipped_lora[when]["gen_mask_colour_acc"] >= 0.75, (when, shipped_lora[when])
 
 
 def test_magnet_short_run_lifts_a_weak_block(tmp_path):

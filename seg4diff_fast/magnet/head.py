@@ -83,3 +83,21 @@ class MapHead(nn.Module):
             return out[0, 0].T.reshape(t, h, w)
 
         return read
+
+    @torch.no_grad()
+    def polarity(self, size: int = 16) -> float:
+        """How the trained head passes a region on: its output at the centre of a unit square bump (a quarter of
+        a ``size``² map, zeros elsewhere) minus its output in the far corner. Positive: a high region stays high.
+        Negative: the head inverts its input, so the mask loss trained the raw maps to the opposite sign and
+        segmentation without the head (as ``segment``, ``eval --lora`` and a stock ``load_lora_weights`` read
+        them) is worse than before training: train with ``conv_head=False``.
+
+        Example:
+            >>> MapHead().polarity()  # the zero-initialised head is the identity
+            1.0
+        """
+        x = torch.zeros(1, size, size, dtype=self.net[0].weight.dtype, device=self.net[0].weight.device)
+        q = size // 4
+        x[0, q:size - q, q:size - q] = 1.0
+        y = self(x)[0]
+        return round(float(y[size // 2, size // 2] - y[0, 0]), 4)

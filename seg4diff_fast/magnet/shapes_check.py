@@ -22,7 +22,7 @@ from ..shapes.grounding import evaluate_grounding, generation_grounding
 from ..shapes.shipped import EXPERT_LAYER, SIZE, T5_LENGTH
 
 # generation_grounding: re-exported
-__all__ = ["generation_grounding", "heldout_lift", "layer_grounding", "magnet_check"]
+__all__ = ["generation_grounding", "heldout_lift", "layer_grounding", "lora_check", "magnet_check"]
 
 
 def _measure(pipe: Any, scenes: list, layer: int, t5_length: int, size: int, generate: int) -> dict[str, Any]:
@@ -30,7 +30,8 @@ def _measure(pipe: Any, scenes: list, layer: int, t5_length: int, size: int, gen
 
     pipe.transformer.eval()
     res = evaluate_grounding(pipe, scenes, size, t5_length=t5_length)
-    out = {k: res[k] for k in ("A", "B", "A_baseline", "B_baseline", "n_A", "n_B")}
+    out = {k: res[k] for k in ("A", "B", "A_baseline", "B_baseline", "n_A", "n_B", "A_distinct_colours",
+                               "A_shared_colour", "n_A_distinct_colours") if k in res}
     out.update(heldout_losses(pipe, scenes[:64], t5_length))
     if generate:
         out.update(generation_grounding(pipe, layer, n=generate, t5_length=t5_length, size=size))
@@ -130,17 +131,11 @@ def magnet_check(layer: int = 2, steps: int = 600, scenes: int = 200, out: str |
         for reading in ("paper", "corrected"):
             res = evaluate_grounding(pipe, held, SIZE, t5_length=T5_LENGTH, map_head=head.reader(reading))
             with_head[reading] = {k: res[k] for k in ("A", "B")}
-    result = {"layer": layer, "protocol": cfg.protocol, "after_with_head": with_head,
+    result = {**_compare(before, after, layer), "protocol": cfg.protocol, "after_with_head": with_head,
               "lift_with_head": {r: {"A": round(v["A"][layer] - before["A"][layer], 2),
                                      "B": round(v["B"][layer] - before["B"][layer], 2)} for r, v in with_head.items()},
-              "expert_layer": EXPERT_LAYER, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "include_background": include_background, "scenes": scenes, "before": before, "after": after,
-              "lift_A": round(after["A"][layer] - before["A"][layer], 2),
-              "lift_B": round(after["B"][layer] - before["B"][layer], 2),
-              "fm_loss_change": round(after["loss_caption"] / before["loss_caption"] - 1.0, 4),
-              "expert_A_change": round(after["A"][EXPERT_LAYER] - before["A"][EXPERT_LAYER], 2),
-              "expert_B_change": round(after["B"][EXPERT_LAYER] - before["B"][EXPERT_LAYER], 2),
-              "train": {k: summary[k] for k in ("final", "totals", "seconds")},
+              "steps": steps, "batch_size": batch_size, "lr": lr, "include_background": include_background,
+              "scenes": scenes, "train": {k: summary[k] for k in ("final", "totals", "seconds")},
               "seconds": round(time.perf_counter() - t0, 1)}
     if out:
         from ..utils.files import atomic_write, write_json
@@ -148,6 +143,50 @@ def magnet_check(layer: int = 2, steps: int = 600, scenes: int = 200, out: str |
         write_json(os.path.join(out, "magnet_check.json"), result)
         md = markdown(result)
         atomic_write(os.path.join(out, "magnet_check.md"), lambda f: f.write(md.encode()))
+    return result
+
+
+def _compare(before: dict[str, Any], after: dict[str, Any], layer: int) -> dict[str, Any]:
+    """Before/after measurements (:func:`_measure`) and the changes the tables and the README report."""
+    return {"layer": layer, "expert_layer": EXPERT_LAYER, "before": before, "after": after,
+            "lift_A": round(after["A"][layer] - before["A"][layer], 2),
+            "lift_B": round(after["B"][layer] - before["B"][layer], 2),
+            "fm_loss_change": round(after["loss_caption"] / before["loss_caption"] - 1.0, 4),
+            "expert_A_change": round(after["A"][EXPERT_LAYER] - before["A"][EXPERT_LAYER], 2),
+            "expert_B_change": round(after["B"][EXPERT_LAYER] - before["B"][EXPERT_LAYER], 2)}
+
+
+def lora_check(lora: str, layer: int | None = None, scenes: int = 200, generate: int = 12,
+               out: str | None = None) -> dict[str, Any]:
+    """A saved MAGNET LoRA (e.g. the shipped :data:`~seg4diff_fast.shapes.shipped.MAGNET_LORA_DIR`) measured as a
+    user loads it: the embedded pipeline fresh, then with the LoRA (:func:`~.lora.load_magnet_lora`, no conv head):
+    per-block mIoU (A and B, and A split by colour-distinct / shared-colour scenes), the colour and shape words'
+    grounding at ``layer`` (:func:`~seg4diff_fast.shapes.grounding.word_grounding`), the held-out flow-matching
+    loss and generation grounding. ``layer`` None: the LoRA's trained block (its ``magnet_config.json``)."""
+    from ..shapes.grounding import word_grounding
+    from ..shapes.pipeline import load_shapes_pipeline
+    from ..shapes.train import heldout_scenes
+    from .lora import load_magnet_lora
+
+    if layer is None:
+        with open(os.path.join(lora, "magnet_config.json")) as f:
+            layer = int(json.load(f)["layer"])
+    held = heldout_scenes(scenes, SIZE)
+    measured = []
+    for with_lora in (False, True):
+        pipe = load_shapes_pipeline()
+        if with_lora:
+            pipe = load_magnet_lora(pipe, lora)
+        m = _measure(pipe, held, layer, T5_LENGTH, SIZE, generate)
+        m["words"] = word_grounding(pipe, held, layer, t5_length=T5_LENGTH)
+        measured.append(m)
+    result = {**_compare(*measured, layer), "lora": lora, "scenes": scenes}
+    if out:
+        from ..utils.files import atomic_write, write_json
+
+        write_json(os.path.join(out, "lora_check.json"), result)
+        md = markdown(result)
+        atomic_write(os.path.join(out, "lora_check.md"), lambda f: f.write(md.encode()))
     return result
 
 
@@ -160,8 +199,17 @@ def markdown(r: dict[str, Any]) -> str:
         for when in ("before", "after"):
             vals = " | ".join(f"{v:.1f}" for v in r[when][proto])
             rows.append(f"| {proto} {when} | {vals} | {r[when][f'{proto}_baseline']:.1f} |")
+    for key, label in (("A_distinct_colours", "A colour-distinct"), ("A_shared_colour", "A shared-colour")):
+        if key in r["before"]:
+            for when in ("before", "after"):
+                rows.append(f"| {label} {when} | " + " | ".join(f"{v:.1f}" for v in r[when][key]) + " | |")
     b, a = r["before"], r["after"]
     rows.append("")
+    if "words" in b:
+        wb, wa = b["words"], a["words"]
+        rows.append(f"A word's map alone picks its own object at block {r['layer']} (% of object pixels): colour "
+                    f"{wb['colour']:.1f} → {wa['colour']:.1f} (chance {wb['colour_chance']:.1f}), shape "
+                    f"{wb['shape']:.1f} → {wa['shape']:.1f} (chance {wb['shape_chance']:.1f}).")
     rows.append(f"Held-out flow-matching loss {b['loss_caption']:.4f} → {a['loss_caption']:.4f} "
                 f"({100 * r['fm_loss_change']:+.1f} %). Lift at block {r['layer']}: A {r['lift_A']:+.1f}, "
                 f"B {r['lift_B']:+.1f}; expert block {r['expert_layer']}: A {r['expert_A_change']:+.1f}, "
@@ -186,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", choices=("paper", "corrected"), default="paper",
                     help="MAGNET's protocol (docs/PAPER_PROTOCOL_MAGNET.md); default paper")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--lora", default=None,
+                    help="measure this saved LoRA (e.g. the shipped one) instead of training: before/after on "
+                         "--scenes held-out scenes, the LoRA loaded into a fresh pipeline")
     args = ap.parse_args(argv)
+    if args.lora:
+        r = lora_check(args.lora, scenes=args.scenes, generate=args.generate, out=args.out)
+        print(markdown(r))
+        return 0
     r = magnet_check(layer=args.layer, steps=args.steps, scenes=args.scenes, out=args.out, batch_size=args.batch_size,
                      lr=args.lr, include_background=not args.no_background, generate=args.generate, seed=args.seed,
                      protocol=args.protocol)

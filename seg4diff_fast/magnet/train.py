@@ -163,6 +163,8 @@ def train_magnet(
     from ..utils.provenance import model_record
 
     record = model_record(pipe, pipe_or_path if isinstance(pipe_or_path, str) else None)
+    if hasattr(source, "describe"):
+        record["data"] = source.describe()  # what was trained on (ShapesWorld: with or without its background class)
 
     defaults = resolve_defaults(pipe)
     reader = PipelineReader(pipe, defaults=defaults, text_length=cfg.t5_length, backend=cfg.backend,
@@ -337,6 +339,12 @@ def train_magnet(
                "seconds": round(elapsed, 2), "output_dir": output_dir, "model": record["model"],
                "layer": layer, "protocol": cfg.protocol, "package_version": record["package_version"],
                "config": run_cfg, "provenance": record}
+    if head is not None:  # a head that inverts its input trained the raw maps to the opposite sign (MapHead.polarity)
+        summary["head_polarity"] = head.polarity()
+        if summary["head_polarity"] < 0:
+            log.warning("MAGNET: the trained conv head inverts its input (polarity %.3f): the mask loss was met "
+                        "through the head with the raw maps of the opposite sign, and segmentation reads the raw "
+                        "maps; train with conv_head=False (--no-conv-head)", summary["head_polarity"])
     if main:
         save_magnet_lora(output_dir, tr, head, config={**run_cfg, "provenance": record}, pipeline_class=type(pipe)
                          if hasattr(type(pipe), "save_lora_weights") else None)

@@ -15,7 +15,7 @@ Segmentation, labeling, evaluation, the layer analysis, ShapesWorld's grounding 
 through it.
 """
 
-from .defaults import MODEL_CONFIG_FILE, ModelDefaults, estimated_layer
+from .defaults import MODEL_CONFIG_FILE, ModelDefaults, estimated_layer, model_config
 from .families import FAMILIES, family_for_class, family_named, family_of, register_family, supported_pipelines
 from .family import ModelFamily, TextState, pack_2x2, unpack_2x2
 from .flux import FluxFamily
@@ -33,6 +33,7 @@ __all__ = [
     "FluxFamily",
     "QwenImageFamily",
     "MODEL_CONFIG_FILE",
+    "model_config",
     "ImageLike",
     "ModelDefaults",
     "ModelFamily",

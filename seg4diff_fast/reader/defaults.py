@@ -13,7 +13,8 @@ import os
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-__all__ = ["MODEL_CONFIG_FILE", "SD3_RELATIVE_DEPTH", "ModelDefaults", "estimated_layer", "read_model_config"]
+__all__ = ["MODEL_CONFIG_FILE", "SD3_RELATIVE_DEPTH", "ModelDefaults", "estimated_layer", "model_config",
+           "read_model_config"]
 
 #: A model folder's own reading facts (written by the ShapesWorld trainer next to ``model_index.json``).
 MODEL_CONFIG_FILE = "shapes_config.json"
@@ -74,6 +75,21 @@ def model_path(pipe: Any) -> str:
     return str(getattr(pipe, "name_or_path", "") or getattr(getattr(pipe, "config", None), "_name_or_path", "") or "")
 
 
+def model_config(path: str) -> dict[str, Any]:
+    """The model folder's own facts (:data:`MODEL_CONFIG_FILE` as a dict), or ``{}`` when it has none.
+
+    Example:
+        >>> from seg4diff_fast.shapes.shipped import WEIGHTS_DIR
+        >>> model_config(WEIGHTS_DIR)["expert_layer"], model_config("/nonexistent")
+        (1, {})
+    """
+    cfg_file = os.path.join(path, MODEL_CONFIG_FILE) if path else ""
+    if not (cfg_file and os.path.isfile(cfg_file)):
+        return {}
+    with open(cfg_file) as f:
+        return json.load(f)
+
+
 def read_model_config(pipe: Any, base: ModelDefaults) -> ModelDefaults:
     """``base`` updated from the model folder's :data:`MODEL_CONFIG_FILE`, if it has one.
 
@@ -83,11 +99,10 @@ def read_model_config(pipe: Any, base: ModelDefaults) -> ModelDefaults:
         9
     """
     path = model_path(pipe)
-    cfg_file = os.path.join(path, MODEL_CONFIG_FILE) if path else ""
-    if not (cfg_file and os.path.isfile(cfg_file)):
+    cfg = model_config(path)
+    if not cfg:
         return base
-    with open(cfg_file) as f:
-        cfg = json.load(f)
+    cfg_file = os.path.join(path, MODEL_CONFIG_FILE)
     return replace(base, layer=int(cfg.get("expert_layer", base.layer)),
                    text_length=int(cfg.get("t5_length", 77)), resolution=int(cfg.get("size", 32)),
                    source=cfg_file, layer_source=cfg_file)

@@ -1,18 +1,33 @@
-"""The ShapesWorld scenes bundled with the package for ``seg4diff-fast demo`` (``seg4diff_fast/data/demo/``).
+"""The ShapesWorld scenes of ``seg4diff-fast demo`` and the class palette its pictures use.
 
-Each scene ``scene_XX`` is three files:
+**The demo's scenes** (:func:`heldout_demo_scenes`) are ``ShapesWorld(seed, size=32).sample()`` for seeds
+0 … N−1 (default :data:`DEMO_SCENES` = 32): the first N of the 200 held-out scenes the README's ShapesWorld
+table is measured on (:func:`seg4diff_fast.shapes.train.heldout_scenes`; training draws seeds from 10⁶ on),
+every scene, 1–3 objects, no selection. They are generated, not shipped: the world is a few lines of seeded
+numpy and PIL drawing (~0.3 ms a scene).
+
+**The bundled scenes** (``seg4diff_fast/data/demo/``, :func:`load_demo_scenes`; the web app's scene picker):
+8 scenes, each three files:
 
 - ``scene_XX.png``: the RGB image (32×32);
 - ``scene_XX_labels.png``: the label map, a palette PNG whose pixel values index the scene's ``classes``;
 - ``scene_XX.json``: ``{"name", "seed", "size", "caption", "classes", "image", "labels"}`` (file names are
   relative to the folder).
 
-The scenes are ``ShapesWorld(seed, size=32).sample()`` for the first seeds 0, 1, 2, … whose scene has 2–3
-objects (seeds below 10⁶ are held out from training, see :mod:`.train`). :func:`make_demo_images` writes
-them (run once, the files are committed); the demo reads the files with :func:`load_demo_scenes`, never
-the generator, so it shows exactly what ships.
+They are ``ShapesWorld(seed, size=32).sample()`` for the first seeds 0, 1, 2, … whose scene has 2–3
+objects; :func:`make_demo_images` writes them (run once, the files are committed). Regenerate with
+``python -m seg4diff_fast.shapes.demo_data [--out DIR] [-n 8]``.
 
-Regenerate with ``python -m seg4diff_fast.shapes.demo_data [--out DIR] [-n 8]``.
+**The palette** (:data:`CLASS_COLOURS`): each class is drawn in its own colour word's family, the shape
+telling the shade apart — circle light, square full, triangle dark (a red circle pink, a red square red, a
+red triangle maroon) — and background a neutral mid grey. Why not a fixed 12-colour categorical palette:
+the first thing a reader checks is "did it find the red circle?", and with the family palette that is read
+off the hue without the legend, and a colour confusion (the common failure: "blue circle" painted over
+background or over a red object) shows as the wrong hue at once; a categorical palette would paint a red
+object green when the answer is right, so every panel needs the legend and a correct panel looks wrong.
+Shape confusions (the model's weak point) show as the wrong shade of the right hue, which the error panel
+marks. Every pair of classes (any two can share a scene) is at least :data:`PALETTE_MIN_DELTA_E` apart in
+CIEDE2000 (:func:`seg4diff_fast.utils.palette.ciede2000`; a test checks it).
 """
 
 from __future__ import annotations
@@ -27,25 +42,40 @@ import numpy as np
 from PIL import Image
 
 from ..utils.files import atomic_write, palette, write_json
-from .world import Scene, ShapesWorld
+from .world import BACKGROUND, Scene, ShapesWorld
 
-__all__ = ["DEMO_DIR", "DEMO_SIZE", "NUM_DEMO_SCENES", "DemoScene", "demo_seeds", "load_demo_scenes",
-           "make_demo_images"]
+__all__ = ["CLASS_COLOURS", "DEMO_DIR", "DEMO_SCENES", "DEMO_SIZE", "NUM_DEMO_SCENES", "PALETTE_MIN_DELTA_E",
+           "DemoScene", "demo_seeds", "heldout_demo_scenes", "load_demo_scenes", "make_demo_images"]
 
 #: The bundled scenes' folder (package data).
 DEMO_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "demo")
 #: Image side of the bundled scenes (the shipped model's resolution).
 DEMO_SIZE = 32
-#: How many scenes ship.
+#: How many scenes ship in ``data/demo/`` (the web app's picker).
 NUM_DEMO_SCENES = 8
+#: How many held-out scenes ``seg4diff-fast demo`` scores by default (seeds 0 … 31).
+DEMO_SCENES = 32
+
+#: The demo's colour of every class (8-bit sRGB): the colour word's family, circle light / square full /
+#: triangle dark, background neutral grey (module docs: why).
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {
+    BACKGROUND: (128, 128, 128),
+    "red circle": (255, 150, 150), "red square": (225, 30, 30), "red triangle": (120, 0, 0),
+    "green circle": (170, 245, 190), "green square": (30, 165, 50), "green triangle": (0, 85, 25),
+    "blue circle": (150, 185, 255), "blue square": (40, 80, 235), "blue triangle": (10, 20, 120),
+    "yellow circle": (255, 245, 130), "yellow square": (230, 160, 0), "yellow triangle": (135, 100, 0),
+}
+#: Least CIEDE2000 difference between any two classes' colours (20: told apart at a glance on a patch; the
+#: palette's closest pairs, red square / red triangle and blue square / blue triangle, are 21.6 apart).
+PALETTE_MIN_DELTA_E = 20.0
 
 
 @dataclass
 class DemoScene:
-    """One bundled scene as read from its files.
+    """One demo scene: a bundled one read from its files, or a generated held-out one.
 
     Attributes:
-        name: ``"scene_XX"`` (the stem of its files).
+        name: ``"scene_XX"`` (the stem of its files; the demo's picture is ``scene_XX.png``).
         seed: the ``ShapesWorld`` seed it was drawn from.
         scene: the :class:`~seg4diff_fast.shapes.Scene` (image, caption, classes, label map, masks).
     """
@@ -67,6 +97,14 @@ def demo_seeds(n: int = NUM_DEMO_SCENES, size: int = DEMO_SIZE, min_objects: int
             seeds.append(seed)
         seed += 1
     return seeds
+
+
+def heldout_demo_scenes(n: int = DEMO_SCENES, size: int = DEMO_SIZE) -> list[DemoScene]:
+    """The demo's scenes: ``ShapesWorld(seed, size).sample()`` for seeds 0 … n−1, named ``scene_XX`` (the
+    first n of the held-out set, :func:`seg4diff_fast.shapes.train.heldout_scenes`; every scene kept)."""
+    width = max(2, len(str(n - 1)))
+    return [DemoScene(name=f"scene_{seed:0{width}d}", seed=seed, scene=ShapesWorld(seed, size).sample())
+            for seed in range(n)]
 
 
 def _save_png(path: str, image: Image.Image) -> None:

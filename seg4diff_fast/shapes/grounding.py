@@ -12,7 +12,9 @@ mIoU is over the world's 13 classes (:data:`~seg4diff_fast.shapes.world.CLASSES`
 :class:`GroundingScore` is the scorer (used by the trainer's checkpoints, the probe, the layer sweep, the
 demo and the tests); :func:`evaluate_grounding` scores every block through
 :class:`~seg4diff_fast.Seg4DiffSegmenter`; :func:`layer_sweep` every block and head from one pass per batch
-through the reader; :func:`attention_budget` where image rows put their attention.
+through the reader; :func:`attention_budget` where image rows put their attention; :func:`word_grounding`
+whether a colour or a shape word's map alone finds its object; :func:`layer_stability` whether the best block
+stays the same across noise seeds and scene sets.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..evaluation.metrics import MeanIoU
 from .world import CLASSES, Scene
 
 __all__ = ["PROTOCOLS", "GroundingScore", "attention_budget", "evaluate_grounding", "generation_grounding",
-           "in_protocol_a", "layer_sweep", "protocol_rows"]
+           "in_protocol_a", "layer_stability", "layer_sweep", "protocol_rows", "word_grounding"]
 
 PROTOCOLS = ("A", "B")
 
@@ -287,6 +289,87 @@ def layer_sweep(
                                  for li in range(len(layers_t))]
         out[f"{p}_baseline"] = math.nan if empty else round(score.baseline_miou(p), 2)
     return out
+
+
+@torch.no_grad()
+def word_grounding(pipe: Any, scenes: Sequence[Scene], layer: int, *, resolution: int | None = None,
+                   t5_length: int | None = None, seed: int = 0, batch_size: int = 16) -> dict[str, Any]:
+    """Does one word's map alone pick its own object? Per protocol-A scene (the object classes as the prompt), each
+    object pixel is given to the object whose word map (head mean, block ``layer``, upsampled bilinearly to the
+    scene) is highest there, once with the objects' colour words and once with their shape words; the rate is the
+    share of object pixels given to their own object.
+
+    Colour words are scored on the scenes whose objects all differ in colour (elsewhere two objects share the
+    word), shape words on every protocol-A scene (two objects in a scene never share both words). ``chance``: the
+    rate of a uniformly random object per pixel (the mean of 1 / objects, pixel-weighted).
+
+    Returns:
+        ``{"colour", "shape", "colour_chance", "shape_chance", "n_colour_scenes", "n_shape_scenes"}`` (rates in %).
+
+    Example:
+        >>> from seg4diff_fast.shapes import ShapesWorld, load_shapes_pipeline
+        >>> scenes = [ShapesWorld(i).sample() for i in range(8)]
+        >>> r = word_grounding(load_shapes_pipeline(device="cpu"), scenes, layer=1)
+        >>> 0 <= r["shape"] <= 100 and r["n_shape_scenes"] == sum(len(s.object_classes) >= 2 for s in scenes)
+        True
+    """
+    import torch.nn.functional as F
+
+    from ..reader import PipelineReader
+
+    reader = PipelineReader(pipe, resolution=resolution, seed=seed, text_length=t5_length)
+    (layer,) = reader.check_layers(layer)
+    a_scenes = [s for s in scenes if in_protocol_a(s)]
+    hits = {"colour": [0, 0, 0.0], "shape": [0, 0, 0.0]}  # right pixels, object pixels, chance-weighted pixels
+    n_scenes = {"colour": 0, "shape": 0}
+    for s0 in range(0, len(a_scenes), batch_size):
+        part = a_scenes[s0:s0 + batch_size]
+        latents = reader.latents(reader.prepare([s.image for s in part])[0])
+        plans = [reader.token_positions(list(s.object_classes))[0] for s in part]
+        text = reader.encode_text(list(dict.fromkeys(p.prompt for p in plans)))
+        which = {p: n for n, p in enumerate(text.prompts)}
+        maps = reader.read_rows(latents, text, [(j, which[p.prompt]) for j, p in enumerate(plans)], (layer,))
+        for scene, plan, m in zip(part, plans, maps):
+            gt = torch.as_tensor(scene.label_map)
+            objects = [int(i) for i in np.unique(scene.label_map) if i > 0]  # label 1.. = drawing order
+            for kind, w in (("colour", 0), ("shape", -1)):
+                if kind == "colour" and not _distinct_colours(scene):
+                    continue
+                pos = [list(plan.positions[i - 1])[w] for i in objects]  # the class's colour / shape token
+                word_maps = m[0][pos][None].float()  # (1, objects, h, w)
+                up = F.interpolate(word_maps, size=gt.shape, mode="bilinear", align_corners=False)[0]
+                picked = torch.tensor(objects)[up.argmax(0)]
+                obj = gt > 0
+                hits[kind][0] += int((picked == gt)[obj].sum())
+                hits[kind][1] += int(obj.sum())
+                hits[kind][2] += float(obj.sum()) / len(objects)
+                n_scenes[kind] += 1
+    out: dict[str, Any] = {}
+    for kind, (right, total, chance) in hits.items():
+        out[kind] = round(100.0 * right / total, 2) if total else math.nan
+        out[f"{kind}_chance"] = round(100.0 * chance / total, 2) if total else math.nan
+        out[f"n_{kind}_scenes"] = n_scenes[kind]
+    return out
+
+
+def layer_stability(pipe: Any, scene_sets: Sequence[Sequence[Scene]], seeds: Sequence[int] = (0, 1, 2),
+                    **sweep_kwargs: Any) -> dict[str, Any]:
+    """The block with the best protocol A and the best protocol B mIoU (head mean) for every noise seed × scene
+    set (:func:`layer_sweep`): the expert block is stable when every pick is the same block.
+
+    Returns:
+        ``{"runs": [{"seed", "set", "A", "B", "best_A", "best_B"}], "best_A", "best_B": sorted set of picks,
+        "stable": one block wins A and B in every run}``.
+    """
+    runs = []
+    for k, scenes in enumerate(scene_sets):
+        for seed in seeds:
+            r = layer_sweep(pipe, scenes, per_head=False, seed=seed, **sweep_kwargs)
+            runs.append({"seed": seed, "set": k, "A": r["A"], "B": r["B"], "best_A": int(np.nanargmax(r["A"])),
+                         "best_B": int(np.nanargmax(r["B"]))})
+    best_a = sorted({r["best_A"] for r in runs})
+    best_b = sorted({r["best_B"] for r in runs})
+    return {"runs": runs, "best_A": best_a, "best_B": best_b, "stable": len(set(best_a) | set(best_b)) == 1}
 
 
 # ----------------------------------------------------------------------------------------------------

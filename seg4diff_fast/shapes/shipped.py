@@ -18,6 +18,8 @@ EXPERT_LAYER = 1
 T5_LENGTH = 0
 #: World resolution (pixels), the segmenter's ``resolution`` for this model.
 SIZE = 32
+#: Folder of the shipped MAGNET LoRA on the expert block (diffusers LoRA format; ``seg4diff-fast demo``'s MAGNET side).
+MAGNET_LORA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "magnet_lora")
 
 
 def default_model_path() -> str:
