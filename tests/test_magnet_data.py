@@ -413,3 +413,20 @@ def test_sample_validation():
         MagnetSample(img, "a", np.zeros((1, 3, 4), np.uint8), ["a"], "k")
     with pytest.raises(ValueError, match="RGB"):
         MagnetSample(Image.new("L", (4, 3)), "a", np.zeros((1, 3, 4), bool), ["a"], "k")
+
+
+def test_shapes_data_same_colour_share():
+    """same_colour=1: every scene's objects share one colour (only shape words tell them apart); 0: the world's
+    own mix, identical to ShapesWorld's samples; the share is in the description."""
+    from seg4diff_fast.shapes.world import ShapesWorld
+
+    d = ShapesMagnetData(n=40, include_background=True, same_colour=1.0)
+    assert "100 % same-colour" in d.describe()
+    for i in range(40):
+        objects = d[i].names[1:]
+        assert len({n.split()[0] for n in objects}) == 1, objects
+    plain = ShapesMagnetData(n=5)
+    for i in range(5):
+        assert plain[i].names == ShapesWorld(plain.seed + i).sample().object_classes
+    with pytest.raises(ValueError, match="same_colour"):
+        ShapesMagnetData(n=2, same_colour=1.5)

@@ -206,6 +206,8 @@ class ShapesMagnetData(Dataset):
         seed: seed of scene 0.
         size: image side in pixels.
         include_background: add the "background" class (its mask: the pixels no object covers).
+        same_colour: share of scenes whose objects all have one colour, so that only the shape words tell
+            them apart (:class:`~seg4diff_fast.shapes.ShapesWorld`'s ``same_colour``; 0: the world as it is).
 
     Example:
         >>> s = ShapesMagnetData(n=3, include_background=True)[2]
@@ -213,19 +215,21 @@ class ShapesMagnetData(Dataset):
         ('background', True, 1)
     """
 
-    def __init__(self, n: int = 10_000, seed: int = 1_000_000, size: int = 32, include_background: bool = False):
+    def __init__(self, n: int = 10_000, seed: int = 1_000_000, size: int = 32, include_background: bool = False,
+                 same_colour: float = 0.0):
         if int(n) < 1:
             raise ValueError(f"ShapesMagnetData: n must be >= 1, got {n}")
-        ShapesWorld(int(seed), size=int(size))  # bad sizes fail here, not at the first sample
+        ShapesWorld(int(seed), size=int(size), same_colour=same_colour)  # bad values fail here, not at a sample
         self.n, self.seed, self.size = int(n), int(seed), int(size)
         self.include_background = bool(include_background)
+        self.same_colour = float(same_colour)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> MagnetSample:
         i = _index(i, self.n)
-        scene = ShapesWorld(self.seed + i, size=self.size).sample()
+        scene = ShapesWorld(self.seed + i, size=self.size, same_colour=self.same_colour).sample()
         names = list(scene.object_classes)
         masks = [np.asarray(m, dtype=bool) for m in scene.masks]
         if self.include_background:
@@ -245,8 +249,9 @@ class ShapesMagnetData(Dataset):
     def describe(self) -> str:
         """One line for logs."""
         bg = ", background class" if self.include_background else ""
+        same = f", {100 * self.same_colour:g} % same-colour scenes" if self.same_colour else ""
         return (f"shapes: {self.n} ShapesWorld scenes (seeds {self.seed}..{self.seed + self.n - 1}, "
-                f"{self.size}x{self.size}{bg}), direct samples")
+                f"{self.size}x{self.size}{bg}{same}), direct samples")
 
 
 def _coco_paths(root: str | None, images_dir: str | None, annotations: str | None,
