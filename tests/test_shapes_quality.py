@@ -86,8 +86,9 @@ def shipped_lora():
 
 
 def test_shipped_magnet_lora_lifts_the_expert_block(shipped_lora):
-    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: B MAGNET_B_200 from
-    ZERO_SHOT_B_200, A MAGNET_A_200 from ZERO_SHOT_A_200): B rises by a margin no noise gives, A does not fall, the
+    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: B 48.2 → 67.8, A
+    70.0 → 70.3, flow-matching loss +1.9 %, a shape word alone picks its object 51.2 → 58.6 % of object pixels):
+    B rises by a margin no noise gives (the seed-to-seed spread of B is about 1 point), A does not fall, the
     flow-matching loss stays within +5 %, and the shape words ground better than before."""
     r = shipped_lora
     assert r["layer"] == EXPERT_LAYER
