@@ -9,11 +9,11 @@ One device as is, several with accelerate:
     seg4diff-fast magnet --model PATH --data coco:/data/datasets --layer 9 --max-steps 3000 --out runs/magnet
     accelerate launch -m seg4diff_fast.cli magnet --model PATH --data sa1b:/data/sa1b --out runs/magnet_sa1b
 
---paper (default) trains as the authors' code does; --corrected with this package's choices
+--paper (the default for SD3 models) trains as the authors' code does; --corrected with this package's choices
 (docs/PAPER_PROTOCOL_MAGNET.md). Settings not given come from the model, as the expert layer does: a model
 folder may ship its own MAGNET recipe (:mod:`seg4diff_fast.magnet.recipe`; the embedded ShapesWorld model's:
-lr 3e-3, 50 warm-up steps of 1200, batch 16, no conv head, the background class trained), else the authors'
-SD3 settings (lr 1e-4, 500 of 3000, batch 8, the conv head).
+--corrected, lr 3e-3, 50 warm-up steps of 1200, batch 16, the zero-initialised conv head, the background class
+trained), else the authors' SD3 settings (--paper, lr 1e-4, 500 of 3000, batch 8, the conv head).
 
 Every argument is checked before anything is written (a bad one leaves no OUT folder). On ShapesWorld data
 the run ends with the trained layer's mIoU (protocols A and B) on --heldout-scenes held-out scenes, before
@@ -46,9 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "COCO instances with --corrected) | sa1b:DIR")
     proto = p.add_mutually_exclusive_group()
     proto.add_argument("--paper", dest="protocol", action="store_const", const="paper",
-                       help="train as the authors' code does (the default): their data chains, full class names "
-                            "located with isin, every head x 77 positions as SA-1B candidates, their focal form, "
-                            "the conv head on every token map")
+                       help="train as the authors' code does (the default for SD3 models without a recipe): "
+                            "their data chains, full class names located with isin, every head x 77 positions as "
+                            "SA-1B candidates, their focal form, the conv head on every token map")
     proto.add_argument("--corrected", dest="protocol", action="store_const", const="corrected",
                        help="this package's choices where it departs from the authors' code "
                             "(docs/PAPER_PROTOCOL_MAGNET.md)")

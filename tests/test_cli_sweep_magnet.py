@@ -146,7 +146,8 @@ def test_magnet_outputs_keep_plain_write_permissions(umask, tmp_path, one_thread
         assert set(modes.values()) == {0o666 & ~mask}, {k: oct(v) for k, v in modes.items()}
     # a pipeline built in memory: no path, no hash; the family, layer, protocol and version are recorded
     assert summary["provenance"] == {"model": None, "family": "sd3", "diffusers_version": None,
-                                     "model_index_sha256": None, "revision": None, "package_version": __version__}
+                                     "model_index_sha256": None, "revision": None, "package_version": __version__,
+                                     "data": ShapesMagnetData(4).describe()}
     assert (summary["layer"], summary["protocol"], summary["config"]["num_workers"]) == (1, "corrected", 0)
     saved = json.load(open(os.path.join(out, "magnet_config.json")))
     assert saved["provenance"] == summary["provenance"] and saved["layer"] == 1
@@ -234,7 +235,7 @@ def test_magnet_cli_reports_heldout_miou(umask, tmp_path, capsys, one_thread):
         assert 0 <= held[when]["B"] <= 100 and held[when]["n_B"] == 4
     assert held["lift"]["B"] == pytest.approx(held["after"]["B"] - held["before"]["B"], abs=0.02)
     assert summary["model"] == summary["provenance"]["model"] == default_model_path()
-    assert (summary["layer"], summary["protocol"], summary["package_version"]) == (2, "paper", __version__)
+    assert (summary["layer"], summary["protocol"], summary["package_version"]) == (2, "corrected", __version__)
     assert set(_modes(out).values()) == {0o640}
 
     # --no-heldout skips it
@@ -257,18 +258,19 @@ def test_magnet_settings_come_from_the_models_recipe(tmp_path, one_thread):
     assert cli.main(["magnet", "--data", "shapes:4", "--max-steps", "2", "--rank", "2", "--no-heldout",
                      "--threads", "1", "--no-progress", "--out", str(out)]) == 0
     cfg = json.load(open(out / "magnet_config.json"))
-    assert (cfg["lr"], cfg["batch_size"], cfg["conv_head"]) == (recipe["lr"], recipe["batch_size"], False)
-    assert cfg["max_steps"] == 2 and cfg["warmup_steps"] == 0 and cfg["layer"] == 1 and cfg["protocol"] == "paper"
-    assert not (out / "magnet_head.safetensors").exists()
+    assert (cfg["lr"], cfg["batch_size"], cfg["conv_head"]) == (recipe["lr"], recipe["batch_size"], recipe["conv_head"])
+    assert (cfg["protocol"], recipe["include_background"]) == (recipe["protocol"], True)
+    assert cfg["max_steps"] == 2 and cfg["warmup_steps"] == 0 and cfg["layer"] == 1
+    assert (out / "magnet_head.safetensors").exists() == recipe["conv_head"]
     assert "background class" in cfg["provenance"]["data"]
 
     out2 = tmp_path / "given"
     assert cli.main(["magnet", "--data", "shapes:4", "--max-steps", "1", "--batch-size", "1", "--lr", "1e-3",
-                     "--conv-head", "--no-background", "--rank", "2", "--no-heldout", "--threads", "1",
+                     "--paper", "--no-conv-head", "--no-background", "--rank", "2", "--no-heldout", "--threads", "1",
                      "--no-progress", "--out", str(out2)]) == 0
     cfg2 = json.load(open(out2 / "magnet_config.json"))
-    assert (cfg2["lr"], cfg2["batch_size"], cfg2["conv_head"]) == (1e-3, 1, True)
-    assert (out2 / "magnet_head.safetensors").exists() and "background" not in cfg2["provenance"]["data"]
+    assert (cfg2["lr"], cfg2["batch_size"], cfg2["conv_head"], cfg2["protocol"]) == (1e-3, 1, False, "paper")
+    assert not (out2 / "magnet_head.safetensors").exists() and "background" not in cfg2["provenance"]["data"]
 
 
 def test_magnet_without_a_recipe_keeps_the_authors_settings(tmp_path):

@@ -381,25 +381,28 @@ def test_torch_backend_in_many_ragged_chunks(mode, head_reduce, monkeypatch, poi
 
 
 def test_autotune_pruning_keeps_a_config_for_every_dtype_and_head_size(monkeypatch):
-    """The CUDA autotune lists (not used by the interpreter) pruned per dtype and head size."""
+    """The CUDA autotune lists (not used by the interpreter), pruned per kernel, dtype and head size: every case
+    keeps at least one candidate, only candidates of its own list, and on tensor cores (fp16 / bf16) only tiles of
+    at least 64 rows (wgmma; 32-row tiles fall back to mma.sync). Which tiles spill is checked on the compiled
+    code by tests/test_compile_check.py."""
     import seg4diff_fast.kernels.joint_attention as kernel_mod
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    for kind in ("fwd", "bwd"):
+    cases = {"fwd": ("fwd", {"MAPS": None}, {}), "dkdv": ("bwd", {"DK": None}, {}),
+             "dkdv_cap": ("bwd", {"DK": None}, {"CAP_GRAD": True}), "dq": ("bwd", {}, {})}
+    for kernel, (kind, names, extra) in cases.items():
         configs = kernel_mod._configs(kind)
         assert len(configs) > 1
         for dtype in DTYPES:
             for d in (64, 128):
                 q = torch.empty(0, dtype=dtype)
-                kept = kernel_mod.prune_configs(configs, {"Q": q}, HEAD_DIM=d)
-                assert kept and all(c in configs for c in kept)
-                tiles = [c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept]
-                if dtype == torch.float32:
-                    assert max(tiles) <= 64 * 64
-                elif d == 128:
-                    assert max(tiles) <= 128 * 64
-                else:
-                    assert len(kept) == len(configs)
+                kept = kernel_mod.prune_configs(configs, {"Q": q, **names}, HEAD_DIM=d, **extra)
+                assert kept and all(c in configs for c in kept), (kernel, dtype, d)
+                tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
+                operands = "fp32" if dtype == torch.float32 else "tc"
+                assert tiles == set(kernel_mod._TILES[(kernel, operands, d)]), (kernel, dtype, d)
+                if operands == "tc":
+                    assert min(t[0] for t in tiles) >= 64, (kernel, dtype, d, tiles)
 
 
 def _ops_import_graph() -> dict[str, set[str]]:
@@ -441,3 +444,158 @@ def test_ops_import_graph_is_acyclic():
 
     for m in sorted(edges):
         visit(m, [])
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel paths: contiguous vs gathered columns, maps-only backward, atomic vs deterministic dq,
+# ragged column counts
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_call(q, k, v, cols, rows, mode, head_reduce, contiguous, deterministic=False):
+    """The Triton backend with the column layout forced (bypasses make_capture_spec's detection)."""
+    from seg4diff_fast.kernels.joint_attention import triton_joint_attention
+
+    cols2 = (cols if cols.dim() == 2 else cols[None].expand(q.shape[0], -1)).to(q.device, torch.int64).contiguous()
+    spec = CaptureSpec(cols=cols2, r0=rows[0], r1=rows[1], mode=mode, head_reduce=head_reduce, contiguous=contiguous)
+    return triton_joint_attention(q, k, v, spec, q.shape[-1] ** -0.5, deterministic=deterministic)
+
+
+def test_contiguous_columns_are_detected():
+    from seg4diff_fast.ops.joint_attention import make_capture_spec
+
+    def spec(cols, batch=2):
+        return make_capture_spec(cols, None, "probs", "mean", batch, 100, torch.device("cpu"))
+
+    assert spec(torch.arange(40, 77)).contiguous
+    assert spec(torch.tensor([5])).contiguous
+    assert spec(torch.stack([torch.arange(3, 10), torch.arange(50, 57)])).contiguous  # a start per batch element
+    assert not spec(torch.tensor([40, 41, 43])).contiguous  # a gap
+    assert not spec(torch.tensor([41, 40, 42])).contiguous  # out of order
+    assert not spec(torch.tensor([40, 41, 41])).contiguous  # a repeat
+    assert not spec(torch.tensor([[40, 41, -1], [40, 41, 42]])).contiguous  # padding
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_reduce,dtype", [("mean", torch.float32), ("none", torch.bfloat16)])
+def test_triton_contiguous_and_gathered_columns_agree(mode, head_reduce, dtype, device, poison_outputs):
+    """The same columns given as a run (block loads, keys found by range) and as gathered indices (index
+    loads, keys found in the sorted columns): identical maps and gradients, both equal to the reference."""
+    pytest.importorskip("triton")
+    batch, heads, d, n_txt = 2, 2, 32, 40
+    n = N_IMG + n_txt
+    rows, cols = (0, N_IMG), torch.arange(N_IMG + 3, N_IMG + 3 + 33)  # 33 columns: a ragged tile count
+    q, k, v = make_inputs(batch, heads, n, d, dtype, "bnhd", device)
+    w_out = torch.randn((batch, heads, n, d), device=device, dtype=torch.float64)
+    results, w_map = [], None
+    for contiguous in (True, False):
+        out, maps = _triton_call(q, k, v, cols, rows, mode, head_reduce, contiguous, deterministic=True)
+        w_map = torch.randn(maps.shape, device=device, dtype=torch.float64) if w_map is None else w_map
+        loss = (out.double() * w_out).sum() + (maps.double() * w_map).sum()
+        results.append((maps, *torch.autograd.grad(loss, (q, k, v))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    leaves, out_ref, maps_ref = attention_ref(q, k, v, cols.to(device), rows, mode, head_reduce, d**-0.5)
+    assert rel_err(results[0][0], maps_ref) <= FWD_TOL[dtype]
+    grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (maps_ref * w_map).sum(), leaves)
+    for g, g_ref in zip(results[0][1:], grads_ref):
+        assert rel_err(g, g_ref) <= BWD_TOL[dtype]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head_reduce,case", [("mean", "clip77"), ("none", "per_batch")])
+def test_triton_maps_only_backward(mode, head_reduce, case, device, poison_outputs):
+    """A loss on the maps alone (dO is None: no dense pass for logits / sel_probs, no dv) equals the full
+    backward given dO = 0, and the float64 reference; dv is exactly 0."""
+    pytest.importorskip("triton")
+    batch, heads, d = 2, 2, 32
+    n, rows, cols = layout_case("text_first", case, batch)
+    cols = cols.to(device)
+    q, k, v = make_inputs(batch, heads, n, d, torch.float32, "bhnd", device)
+    w = torch.randn(maps_shape := (batch, *((heads,) if head_reduce == "none" else ()), rows[1] - rows[0],
+                                   cols.shape[-1]), device=device, dtype=torch.float64)
+    out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode, head_reduce=head_reduce,
+                                backend="triton")
+    assert maps.shape == maps_shape
+    only_maps = torch.autograd.grad((maps.double() * w).sum(), (q, k, v))
+    out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode, head_reduce=head_reduce,
+                                backend="triton")
+    with_zero_do = torch.autograd.grad((maps.double() * w).sum() + (out * 0).sum(), (q, k, v))
+    assert torch.equal(only_maps[2], torch.zeros_like(v))
+    leaves, _, maps_ref = attention_ref(q, k, v, cols, rows, mode, head_reduce, d**-0.5)
+    grads_ref = torch.autograd.grad((maps_ref * w).sum(), leaves, allow_unused=True)
+    for name, a, b, ref in zip("qkv", only_maps, with_zero_do, grads_ref):
+        if name == "v":
+            assert b.abs().max() == 0
+            continue
+        assert rel_err(a, ref) <= BWD_TOL[torch.float32], f"d{name}"
+        assert rel_err(a, b.double()) <= 1e-5, f"d{name}"
+
+
+@pytest.mark.parametrize("mode,case", [("probs", "clip77"), ("logits", "per_batch"), ("sel_probs", "t154")])
+def test_triton_atomic_dq_matches_deterministic(mode, case, device, poison_outputs):
+    """dq accumulated by float32 atomics inside the dk/dv kernel (5 GEMMs) against the separate dq kernel
+    (7 GEMMs, deterministic): equal within float32 rounding; dk and dv come from the same kernel."""
+    pytest.importorskip("triton")
+    batch, heads, d = 2, 2, 32
+    n, rows, cols = layout_case("image_first", case, batch)
+    cols = cols.to(device)
+    q, k, v = make_inputs(batch, heads, n, d, torch.float32, "bnhd", device)
+    w_out = torch.randn((batch, heads, n, d), device=device, dtype=torch.float64)
+    grads, w_map = [], None
+    for deterministic in (False, True):
+        out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode, backend="triton",
+                                    deterministic=deterministic)
+        w_map = torch.randn(maps.shape, device=device, dtype=torch.float64) if w_map is None else w_map
+        grads.append(torch.autograd.grad((out.double() * w_out).sum() + (maps.double() * w_map).sum(), (q, k, v)))
+    for name, a, b in zip("qkv", *grads):
+        assert rel_err(a, b.double()) <= 1e-5, f"d{name}"
+    leaves, out_ref, maps_ref = attention_ref(q, k, v, cols, rows, mode, "mean", d**-0.5)
+    grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (maps_ref * w_map).sum(), leaves)
+    for name, a, ref in zip("qkv", grads[0], grads_ref):
+        assert rel_err(a, ref) <= BWD_TOL[torch.float32], f"d{name}"
+
+
+RAGGED_SEL = [1, 31, 33, 77, 154]
+# every (mode, reduce, dtype); the column count and the column layout (a run, or gathered with a repeat and
+# padding) cycle over them
+RAGGED_CASES = [(*p, RAGGED_SEL[i % len(RAGGED_SEL)], i % 2 == 1) for i, p in enumerate(PRIMARY)]
+
+
+@pytest.mark.parametrize("mode,head_reduce,dtype,n_sel,gathered", RAGGED_CASES)
+def test_triton_ragged_columns(mode, head_reduce, dtype, n_sel, gathered, device, poison_outputs):
+    """Ragged N (no block divides it) and ragged column counts, forward and backward against float64."""
+    pytest.importorskip("triton")
+    batch, heads, d, n_img = 2, 2, 16, 37
+    n_txt = max(n_sel, 2) + 3
+    n = n_img + n_txt
+    rows = (0, n_img)
+    if gathered:  # a shuffled subset of the text, a repeated column, and padding in batch element 1
+        cols = torch.stack([n_img + torch.randperm(n_txt)[:n_sel] for _ in range(batch)])
+        if n_sel > 1:
+            cols[0, -1] = cols[0, 0]
+            cols[1, n_sel // 2:] = -1
+    else:
+        cols = torch.arange(n_img + 2, n_img + 2 + n_sel)
+    cols = cols.to(device)
+    q, k, v = make_inputs(batch, heads, n, d, dtype, "bnhd", device)
+    out, maps = joint_attention(q, k, v, capture_cols=cols, capture_rows=rows, mode=mode, head_reduce=head_reduce,
+                                backend="triton")
+    leaves, out_ref, maps_ref = attention_ref(q, k, v, cols, rows, mode, head_reduce, d**-0.5)
+    assert rel_err(out, out_ref) <= FWD_TOL[dtype]
+    assert rel_err(maps, maps_ref) <= FWD_TOL[dtype]
+    if head_reduce == "max":
+        return  # no gradient (test_forward_and_backward checks the error)
+    w_out = torch.randn(out.shape, device=device, dtype=torch.float64)
+    w_map = torch.randn(maps.shape, device=device, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * w_out).sum() + (maps.double() * w_map).sum(), (q, k, v))
+    grads_ref = torch.autograd.grad((out_ref * w_out).sum() + (maps_ref * w_map).sum(), leaves)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert rel_err(g, g_ref) <= BWD_TOL[dtype], f"d{name}"
+
+
+def test_triton_scale_must_be_positive():
+    pytest.importorskip("triton")
+    q, k, v = _qkv(d=16)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        joint_attention(q, k, v, scale=-0.25, backend="triton")

@@ -5,8 +5,8 @@ The authors' settings (:class:`~seg4diff_fast.magnet.MagnetConfig`'s defaults: l
 (``shapes_config.json``, :func:`seg4diff_fast.reader.model_config`) may add a ``"magnet"`` block with the
 settings that suit it, e.g. the embedded ShapesWorld model (0.9 M parameters, 32² scenes)::
 
-    "magnet": {"lr": 0.003, "warmup_steps": 50, "max_steps": 1200, "batch_size": 16, "conv_head": false,
-               "include_background": true}
+    "magnet": {"protocol": "corrected", "lr": 0.003, "warmup_steps": 50, "max_steps": 1200, "batch_size": 16,
+               "conv_head": true, "include_background": true}
 
 ``seg4diff-fast magnet`` fills every setting the user did not give from this block, then from the defaults, as
 it does the expert layer. ``include_background`` belongs to ShapesWorld data (the world's background class).
@@ -37,8 +37,8 @@ def model_recipe(model_path: str) -> dict[str, Any]:
     Example:
         >>> from seg4diff_fast.shapes.shipped import WEIGHTS_DIR
         >>> r = model_recipe(WEIGHTS_DIR)
-        >>> r["conv_head"], r["include_background"], model_recipe("/nonexistent")
-        (False, True, {})
+        >>> r["protocol"], r["include_background"], model_recipe("/nonexistent")
+        ('corrected', True, {})
     """
     recipe = dict(model_config(model_path).get(RECIPE_KEY) or {})
     known = {f.name for f in dataclasses.fields(MagnetConfig)} | set(DATA_KEYS)

@@ -23,7 +23,9 @@ class CaptureSpec:
     """A validated capture request.
 
     ``cols`` is (B, n_sel) int64 on the tensors' device, -1 marking padding; ``rows`` is the half-open
-    query-row range [r0, r1) whose maps are returned.
+    query-row range [r0, r1) whose maps are returned. ``contiguous``: every row of ``cols`` is one run
+    ``cols[b, 0] + arange(n_sel)`` (no padding), which lets the Triton kernels use block loads instead of
+    index gathers; False is always correct.
     """
 
     cols: torch.Tensor
@@ -31,6 +33,7 @@ class CaptureSpec:
     r1: int
     mode: str
     head_reduce: str
+    contiguous: bool = False
 
     @property
     def n_rows(self) -> int:

@@ -1,7 +1,9 @@
 """The "torch" backend: torch's own fused SDPA (which returns its logsumexp) plus a recompute of the
-selected columns, and a row-chunked backward. Nothing of size N² is ever allocated: the forward's extra
-memory is one (B, R, n_sel) score block; the backward's is a few (B, H, rows-chunk, N) blocks of about
-q's size (``_rows_per_chunk``).
+selected columns. The backward is torch's fused SDPA backward for the same kernel when only ``out`` has a
+gradient (``backward_path``), and an exact row-chunked backward when the map has one (torch's kernels
+cannot take it). Nothing of size N² is ever allocated: the forward's extra memory is one (B, R, n_sel)
+score block; the chunked backward's is a few (B, H, rows-chunk, N) blocks of about q's size
+(``_rows_per_chunk``).
 
 Math (per head, s = q kᵀ·scale, P = softmax(s), lse = log Σ_j exp s_ij):
   probs map    M_ic = exp(s_i,c − lse_i)           logits map  M_ic = s_i,c
@@ -12,6 +14,8 @@ Backward with G = dL/dM (per head: G/H for the head mean):
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -48,26 +52,102 @@ def chunked_sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Te
     return out, lse
 
 
-def sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch's fused attention kernel, keeping the float32 logsumexp it computes anyway."""
-    if q.device.type == "cpu":
+# The kernel that produced out and lse in the forward. A backward with no map gradient is plain attention's
+# backward, so it goes to that kernel's own fused backward (``backward_path``); the chunked path is for the
+# map's gradient, which torch's kernels cannot take, and for forwards that had to fall back to chunks.
+FWD_CPU_FLASH = "cpu_flash"  # aten._scaled_dot_product_flash_attention_for_cpu
+FWD_CUDA_FLASH = "cuda_flash"  # aten._scaled_dot_product_flash_attention (fp16 / bf16)
+FWD_CUDA_EFFICIENT = "cuda_efficient"  # aten._scaled_dot_product_efficient_attention (fp32, or flash refused)
+FWD_CHUNKED = "chunked"  # chunked_sdpa_with_lse: no fused kernel took the call
+BWD_CHUNKED = "chunked"  # chunked_backward: the exact row-chunked backward (the map's gradient needs it)
+
+
+@dataclass(frozen=True)
+class FusedForward:
+    """Which fused kernel ran and what its backward needs besides (q, k, v, out, lse)."""
+
+    kernel: str
+    aux: tuple = ()  # the kernel's own outputs its backward takes (sequence info, rng state, raw lse)
+
+
+def forward_kernels(device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The fused kernels tried, in order, before the chunked fallback."""
+    if device_type == "cpu":
+        return (FWD_CPU_FLASH,)
+    if device_type == "cuda":
+        if dtype in (torch.float16, torch.bfloat16):
+            return (FWD_CUDA_FLASH, FWD_CUDA_EFFICIENT)
+        return (FWD_CUDA_EFFICIENT,)
+    return ()
+
+
+def backward_path(forward_kernel: str, map_grad: bool) -> str:
+    """Where a backward goes: the forward kernel's fused backward when only ``out`` has a gradient, the
+    chunked backward when the map has one (or the forward itself was chunked)."""
+    if map_grad or forward_kernel == FWD_CHUNKED:
+        return BWD_CHUNKED
+    return forward_kernel
+
+
+def _run_fused_forward(kernel: str, q, k, v, scale: float):
+    n = q.shape[2]
+    if kernel == FWD_CPU_FLASH:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=None, scale=scale
         )
-        return out, lse
-    if q.device.type == "cuda":
-        n = q.shape[2]
+        return out, lse, ()
+    if kernel == FWD_CUDA_FLASH:
+        out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, False, False, scale=scale
+        )
+        return out, lse, (cum_q, cum_k, max_q, max_k, rng_state, unused)
+    if kernel == FWD_CUDA_EFFICIENT:
+        out, lse_raw, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, False, scale=scale
+        )
+        return out, lse_raw[..., :n], (lse_raw, seed, offset)  # its lse is padded past N
+    raise ValueError(kernel)
+
+
+def fused_sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor, FusedForward]:
+    """out, the float32 logsumexp (B, H, N) and which kernel made them: torch's fused attention where one
+    takes the call (head size, arch), else the exact chunked path."""
+    for kernel in forward_kernels(q.device.type, q.dtype):
         try:
-            if q.dtype in (torch.float16, torch.bfloat16):
-                res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-            else:
-                res = torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, v, None, True, 0.0, False, scale=scale
-                )
-            return res[0], res[1][..., :n].float()
-        except RuntimeError:  # unsupported head size / arch: fall through to the exact chunked path
-            pass
-    return chunked_sdpa_with_lse(q, k, v, scale)
+            out, lse, aux = _run_fused_forward(kernel, q, k, v, scale)
+            return out, lse.float(), FusedForward(kernel, aux)
+        except RuntimeError:  # unsupported head size / arch: the next kernel, then the chunked path
+            continue
+    out, lse = chunked_sdpa_with_lse(q, k, v, scale)
+    return out, lse, FusedForward(FWD_CHUNKED)
+
+
+def sdpa_with_lse(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's fused attention kernel, keeping the float32 logsumexp it computes anyway."""
+    out, lse, _ = fused_sdpa_with_lse(q, k, v, scale)
+    return out, lse
+
+
+def fused_sdpa_backward(fused: FusedForward, dout, q, k, v, out, lse, scale: float):
+    """dq, dk, dv of plain attention by the backward kernel that belongs to the forward's kernel."""
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    if fused.kernel == FWD_CPU_FLASH:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale
+        )
+    if fused.kernel == FWD_CUDA_FLASH:
+        cum_q, cum_k, max_q, max_k, rng_state, unused = fused.aux
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, rng_state, unused, scale=scale
+        )
+    if fused.kernel == FWD_CUDA_EFFICIENT:
+        lse_raw, seed, offset = fused.aux
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, None, out, lse_raw, seed, offset, 0.0, [True, True, True, False], False, scale=scale
+        )
+        return dq, dk, dv
+    raise ValueError(f"no fused backward for forward kernel {fused.kernel!r}")
 
 
 def capture_maps(q, k, lse, spec: CaptureSpec, scale: float) -> torch.Tensor:
@@ -151,16 +231,18 @@ def chunked_backward(q, k, v, out, lse, dout, dmaps, spec: CaptureSpec | None, s
 
 
 class TorchJointAttention(torch.autograd.Function):
-    """Forward: fused SDPA + logsumexp + recomputed columns. Backward: torch's own kernel when only
-    ``out`` has a gradient on CPU, else the exact row-chunked backward."""
+    """Forward: fused SDPA + logsumexp + recomputed columns. Backward (``backward_path``): the forward
+    kernel's own fused backward when only ``out`` has a gradient (CPU flash, CUDA flash / efficient), else
+    the exact row-chunked backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, cols, r0, r1, mode, head_reduce, scale):
         spec = CaptureSpec(cols=cols, r0=r0, r1=r1, mode=mode, head_reduce=head_reduce)
-        out, lse = sdpa_with_lse(q, k, v, scale)
+        out, lse, fused = fused_sdpa_with_lse(q, k, v, scale)
         maps = capture_maps(q, k, lse, spec, scale)
         ctx.save_for_backward(q, k, v, out, lse, cols)
         ctx.meta = (r0, r1, mode, head_reduce, scale)
+        ctx.fused = fused
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(lse)
         return out, maps, lse
@@ -176,12 +258,10 @@ class TorchJointAttention(torch.autograd.Function):
             )
         if dmaps is None and dout is None:
             return (None,) * 9
-        if dmaps is None and q.device.type == "cpu":
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                dout.contiguous(), q, k, v, out, lse, 0.0, False, attn_mask=None, scale=scale
-            )
-        else:
+        if backward_path(ctx.fused.kernel, dmaps is not None) == BWD_CHUNKED:
             dq, dk, dv = chunked_backward(q, k, v, out, lse, dout, dmaps, spec, scale)
+        else:
+            dq, dk, dv = fused_sdpa_backward(ctx.fused, dout, q, k, v, out, lse, scale)
         return dq, dk, dv, None, None, None, None, None, None
 
 
