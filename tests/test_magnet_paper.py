@@ -575,7 +575,7 @@ def test_cli_protocol_flags(monkeypatch, tmp_path, capsys):
 
     p = argparse.ArgumentParser()
     cli_magnet.add_arguments(p)
-    assert p.parse_args(["--data", "shapes"]).protocol is None  # the model's: paper for SD3, else corrected
+    assert p.parse_args(["--data", "shapes"]).protocol is None  # the model's: its recipe, else paper for SD3
     assert p.parse_args(["--corrected"]).protocol == "corrected" and p.parse_args(["--paper"]).protocol == "paper"
     with pytest.raises(SystemExit):
         p.parse_args(["--paper", "--corrected"])
@@ -587,7 +587,8 @@ def test_cli_protocol_flags(monkeypatch, tmp_path, capsys):
                 "config": {"layer": 1, "protocol": cfg.protocol}}
 
     monkeypatch.setattr(magnet, "train_magnet", fake_train)
-    for flags, want in (([], "paper"), (["--corrected"], "corrected")):
+    # the embedded model's recipe says corrected; --paper and --corrected override it
+    for flags, want in (([], "corrected"), (["--paper"], "paper"), (["--corrected"], "corrected")):
         args = p.parse_args(["--data", "shapes:2", "--out", str(tmp_path), "--no-heldout", *flags])
         assert cli_magnet.run(args) == 0 and seen["cfg"].protocol == want
         assert f"protocol {want}" in capsys.readouterr().out
