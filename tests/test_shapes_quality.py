@@ -86,8 +86,8 @@ def shipped_lora():
 
 
 def test_shipped_magnet_lora_lifts_the_expert_block(shipped_lora):
-    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: B 48.2 → 67.8, A
-    70.0 → 70.3, flow-matching loss +1.9 %, a shape word alone picks its object 51.2 → 58.6 % of object pixels):
+    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: B 48.2 → 68.1, A
+    70.0 → 73.7, flow-matching loss +1.4 %, a shape word alone picks its object 51.2 → 62.7 % of object pixels):
     B rises by a margin no noise gives (the seed-to-seed spread of B is about 1 point), A does not fall, the
     flow-matching loss stays within +5 %, and the shape words ground better than before."""
     r = shipped_lora
