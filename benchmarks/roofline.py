@@ -38,6 +38,8 @@ import os
 import sys
 from dataclasses import asdict, dataclass
 
+from seg4diff_fast.utils.files import write_json
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (name, B, H, N, D, R captured rows, C selected columns): the suite's shapes
@@ -212,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     res["suite"] = path
     print_table(res)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
         print(f"wrote {args.json}")
     return 0
 

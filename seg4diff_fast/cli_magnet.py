@@ -211,9 +211,9 @@ def _run(args: argparse.Namespace) -> int:
           f"(fm {final.get('fm', float('nan')):.4f}, focal {final.get('focal', float('nan')):.4f}, "
           f"dice {final.get('dice', float('nan')):.4f}); LoRA in {args.out}")
     if summary.get("head_polarity", 1.0) < 0:
-        _warn(f"the trained conv head inverts its input (polarity {summary['head_polarity']:.3f}): the mask loss was "
-              "met through the head with the raw maps of the opposite sign, and segmentation reads the raw maps; "
-              "train again with --no-conv-head")
+        from .magnet.head import inverted_head_message
+
+        _warn(inverted_head_message(summary["head_polarity"]))
     if summary["skipped"]:
         print(f"samples without a mask loss: {summary['skipped']}")
     if isinstance(data, ShapesMagnetData) and not args.no_heldout:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["MapHead"]
+__all__ = ["MapHead", "inverted_head_message"]
 
 
 class MapHead(nn.Module):
@@ -101,3 +101,10 @@ class MapHead(nn.Module):
         x[0, q:size - q, q:size - q] = 1.0
         y = self(x)[0]
         return round(float(y[size // 2, size // 2] - y[0, 0]), 4)
+
+
+def inverted_head_message(polarity: float) -> str:
+    """What to tell a user whose trained head has a negative :meth:`MapHead.polarity` (one line)."""
+    return (f"the trained conv head inverts its input (polarity {polarity:.3f}): the mask loss was met through the "
+            "head with the raw maps of the opposite sign, and segmentation reads the raw maps; train again with "
+            "conv_head=False (--no-conv-head)")

@@ -138,11 +138,7 @@ def magnet_check(layer: int = 2, steps: int = 600, scenes: int = 200, out: str |
               "scenes": scenes, "train": {k: summary[k] for k in ("final", "totals", "seconds")},
               "seconds": round(time.perf_counter() - t0, 1)}
     if out:
-        from ..utils.files import atomic_write, write_json
-
-        write_json(os.path.join(out, "magnet_check.json"), result)
-        md = markdown(result)
-        atomic_write(os.path.join(out, "magnet_check.md"), lambda f: f.write(md.encode()))
+        _write_report(out, "magnet_check", result)
     return result
 
 
@@ -182,12 +178,16 @@ def lora_check(lora: str, layer: int | None = None, scenes: int = 200, generate:
         measured.append(m)
     result = {**_compare(*measured, layer), "lora": lora, "scenes": scenes}
     if out:
-        from ..utils.files import atomic_write, write_json
-
-        write_json(os.path.join(out, "lora_check.json"), result)
-        md = markdown(result)
-        atomic_write(os.path.join(out, "lora_check.md"), lambda f: f.write(md.encode()))
+        _write_report(out, "lora_check", result)
     return result
+
+
+def _write_report(out: str, stem: str, result: dict[str, Any]) -> None:
+    """``out/<stem>.json`` and the :func:`markdown` table as ``out/<stem>.md``, each written atomically."""
+    from ..utils.files import atomic_write, write_json
+
+    write_json(os.path.join(out, f"{stem}.json"), result)
+    atomic_write(os.path.join(out, f"{stem}.md"), markdown(result).encode())
 
 
 def markdown(r: dict[str, Any]) -> str:

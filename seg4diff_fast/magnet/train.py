@@ -32,7 +32,7 @@ from ..utils.files import atomic_torch_save, write_json
 from ..utils.parallel import default_workers  # workers when MagnetConfig.num_workers is None (re-exported)
 from .batch import PaperCollate, PreparedData, collate_prepared, plan_tokens, predictions_and_targets
 from .config import MagnetConfig
-from .head import MapHead
+from .head import MapHead, inverted_head_message
 from .lora import add_magnet_lora, lora_state_dict, save_magnet_lora
 from .losses import focal_dice_loss
 
@@ -342,9 +342,7 @@ def train_magnet(
     if head is not None:  # a head that inverts its input trained the raw maps to the opposite sign (MapHead.polarity)
         summary["head_polarity"] = head.polarity()
         if summary["head_polarity"] < 0:
-            log.warning("MAGNET: the trained conv head inverts its input (polarity %.3f): the mask loss was met "
-                        "through the head with the raw maps of the opposite sign, and segmentation reads the raw "
-                        "maps; train with conv_head=False (--no-conv-head)", summary["head_polarity"])
+            log.warning("MAGNET: %s", inverted_head_message(summary["head_polarity"]))
     if main:
         save_magnet_lora(output_dir, tr, head, config={**run_cfg, "provenance": record}, pipeline_class=type(pipe)
                          if hasattr(type(pipe), "save_lora_weights") else None)
