@@ -20,7 +20,7 @@ stays the same across noise seeds and scene sets.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,31 @@ def _head_mean(maps: torch.Tensor, dim: int) -> torch.Tensor:
     return acc.div_(maps.shape[dim])
 
 
+def _scene_rows(reader: Any, scenes: Sequence[Scene], rows_of: Callable[[Scene], list[tuple[str, list[str]]]],
+                layers: Sequence[int], head_reduce: str,
+                batch_size: int) -> Iterator[tuple[Scene, str, list[str], Any, Any]]:
+    """``(scene, tag, names, plan, maps)`` for every row ``(tag, names)`` of ``rows_of(scene)``: the class names as
+    one prompt (``plan``: their token positions), read at ``layers`` (maps: (L, [H,] T, h, w)). One transformer
+    pass per ``batch_size`` scenes, each encoded once however many rows it has."""
+    def plan(names: list[str]) -> Any:
+        chunks = reader.token_positions(names)
+        if len(chunks) != 1:
+            raise ValueError(f"the classes {names} do not fit one prompt")
+        return chunks[0]
+
+    for s0 in range(0, len(scenes), batch_size):
+        part = scenes[s0:s0 + batch_size]
+        latents = reader.latents(reader.prepare([s.image for s in part])[0])
+        rows = [(j, tag, names) for j, s in enumerate(part) for tag, names in rows_of(s)]
+        plans = [plan(names) for _, _, names in rows]
+        text = reader.encode_text(list(dict.fromkeys(p.prompt for p in plans)))
+        which = {p: n for n, p in enumerate(text.prompts)}
+        maps = reader.read_rows(latents, text, [(j, which[p.prompt]) for (j, _, _), p in zip(rows, plans)], layers,
+                                head_reduce=head_reduce)
+        for (j, tag, names), p, m in zip(rows, plans, maps):
+            yield part[j], tag, names, p, m
+
+
 @torch.no_grad()
 def layer_sweep(
     pipe: Any,
@@ -250,33 +275,18 @@ def layer_sweep(
         keys += [(li, h) for li in range(len(layers_t)) for h in range(num_heads)]
     score = GroundingScore(keys)
 
-    def plan(names: list[str]):
-        chunks = reader.token_positions(names)
-        if len(chunks) != 1:
-            raise ValueError(f"layer_sweep: the classes {names} do not fit one prompt")
-        return chunks[0]
-
-    for s0 in range(0, len(scenes), batch_size):
-        idx = list(range(s0, min(s0 + batch_size, len(scenes))))
-        tensors, _ = reader.prepare([scenes[i].image for i in idx])
-        latents = reader.latents(tensors)
-        rows = [(i, j, proto, names) for j, i in enumerate(idx) for proto, names in protocol_rows(scenes[i])]
-        plans = [plan(r[3]) for r in rows]
-        text = reader.encode_text(list(dict.fromkeys(p.prompt for p in plans)))
-        which = {p: n for n, p in enumerate(text.prompts)}
-        maps = reader.read_rows(latents, text, [(r[1], which[p.prompt]) for r, p in zip(rows, plans)], layers_t,
-                                head_reduce="none" if per_head else "mean")
-        for (i, _, proto, names), chunk, m in zip(rows, plans, maps):
-            size = scenes[i].label_map.shape
-            mean_maps = _head_mean(m, 1) if per_head else m  # (L, T, h, w)
-            scores = torch.stack([mean_maps[:, list(pos)].mean(1) for pos in chunk.positions], dim=1)
-            pred = {li: upsample_argmax(scores[li], size)[0].cpu().numpy() for li in range(len(layers_t))}
-            if per_head:
-                head_scores = torch.stack([m[:, :, list(pos)].mean(2) for pos in chunk.positions], dim=2)
-                for li in range(len(layers_t)):
-                    for h in range(num_heads):
-                        pred[(li, h)] = upsample_argmax(head_scores[li, h], size)[0].cpu().numpy()
-            score.add(scenes[i], proto, names, pred)
+    rows = _scene_rows(reader, scenes, protocol_rows, layers_t, "none" if per_head else "mean", batch_size)
+    for scene, proto, names, chunk, m in rows:
+        size = scene.label_map.shape
+        mean_maps = _head_mean(m, 1) if per_head else m  # (L, T, h, w)
+        scores = torch.stack([mean_maps[:, list(pos)].mean(1) for pos in chunk.positions], dim=1)
+        pred = {li: upsample_argmax(scores[li], size)[0].cpu().numpy() for li in range(len(layers_t))}
+        if per_head:
+            head_scores = torch.stack([m[:, :, list(pos)].mean(2) for pos in chunk.positions], dim=2)
+            for li in range(len(layers_t)):
+                for h in range(num_heads):
+                    pred[(li, h)] = upsample_argmax(head_scores[li, h], size)[0].cpu().numpy()
+        score.add(scene, proto, names, pred)
 
     n_a = score.counts["A"]
     out: dict[str, Any] = {"layers": list(layers_t), "num_heads": num_heads, "n_A": n_a, "n_B": len(scenes)}
@@ -322,28 +332,22 @@ def word_grounding(pipe: Any, scenes: Sequence[Scene], layer: int, *, resolution
     a_scenes = [s for s in scenes if in_protocol_a(s)]
     hits = {"colour": [0, 0, 0.0], "shape": [0, 0, 0.0]}  # right pixels, object pixels, chance-weighted pixels
     n_scenes = {"colour": 0, "shape": 0}
-    for s0 in range(0, len(a_scenes), batch_size):
-        part = a_scenes[s0:s0 + batch_size]
-        latents = reader.latents(reader.prepare([s.image for s in part])[0])
-        plans = [reader.token_positions(list(s.object_classes))[0] for s in part]
-        text = reader.encode_text(list(dict.fromkeys(p.prompt for p in plans)))
-        which = {p: n for n, p in enumerate(text.prompts)}
-        maps = reader.read_rows(latents, text, [(j, which[p.prompt]) for j, p in enumerate(plans)], (layer,))
-        for scene, plan, m in zip(part, plans, maps):
-            gt = torch.as_tensor(scene.label_map)
-            objects = [int(i) for i in np.unique(scene.label_map) if i > 0]  # label 1.. = drawing order
-            for kind, w in (("colour", 0), ("shape", -1)):
-                if kind == "colour" and not _distinct_colours(scene):
-                    continue
-                pos = [list(plan.positions[i - 1])[w] for i in objects]  # the class's colour / shape token
-                word_maps = m[0][pos][None].float()  # (1, objects, h, w)
-                up = F.interpolate(word_maps, size=gt.shape, mode="bilinear", align_corners=False)[0]
-                picked = torch.tensor(objects)[up.argmax(0)]
-                obj = gt > 0
-                hits[kind][0] += int((picked == gt)[obj].sum())
-                hits[kind][1] += int(obj.sum())
-                hits[kind][2] += float(obj.sum()) / len(objects)
-                n_scenes[kind] += 1
+    for scene, _, _, plan, m in _scene_rows(reader, a_scenes, lambda s: [("A", list(s.object_classes))], (layer,),
+                                            "mean", batch_size):
+        gt = torch.as_tensor(scene.label_map)
+        objects = [int(i) for i in np.unique(scene.label_map) if i > 0]  # label 1.. = drawing order
+        for kind, w in (("colour", 0), ("shape", -1)):
+            if kind == "colour" and not _distinct_colours(scene):
+                continue
+            pos = [list(plan.positions[i - 1])[w] for i in objects]  # the class's colour / shape token
+            word_maps = m[0][pos][None].float()  # (1, objects, h, w)
+            up = F.interpolate(word_maps, size=gt.shape, mode="bilinear", align_corners=False)[0]
+            picked = torch.tensor(objects)[up.argmax(0)]
+            obj = gt > 0
+            hits[kind][0] += int((picked == gt)[obj].sum())
+            hits[kind][1] += int(obj.sum())
+            hits[kind][2] += float(obj.sum()) / len(objects)
+            n_scenes[kind] += 1
     out: dict[str, Any] = {}
     for kind, (right, total, chance) in hits.items():
         out[kind] = round(100.0 * right / total, 2) if total else math.nan
