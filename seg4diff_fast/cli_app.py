@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 
-from .cli_common import CLIError, add_model_arguments
+from .cli_common import CLIError, add_model_arguments, fail
 
 HELP = "interactive web demo (Gradio): segment, unsupervised segments, word maps during generation, layer charts"
 
@@ -33,11 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-
-
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast app: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def check_extra() -> None:
@@ -52,22 +47,22 @@ def check_extra() -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve the app until interrupted; 2 on a usage error (missing extra, bad model, port in use)."""
     if not 0 < int(args.port) < 65536:
-        return _fail(f"--port {args.port}: give a port in 1..65535")
+        return fail("app", f"--port {args.port}: give a port in 1..65535")
     try:
         check_extra()
     except CLIError as e:
-        return _fail(str(e))
+        return fail("app", str(e))
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         from .app import ui
         from .app.logic import AppModel
     except ImportError as e:
-        return _fail(EXTRA_MISSING.format(name=e.name or "a dependency"))
+        return fail("app", EXTRA_MISSING.format(name=e.name or "a dependency"))
     print(f"seg4diff-fast app: loading {args.model or 'the embedded ShapesWorld pipeline'} ...", file=sys.stderr)
     try:
         model = AppModel.from_args(args)
     except CLIError as e:
-        return _fail(str(e))
+        return fail("app", str(e))
     demo = ui.build_app(model)
     print(f"seg4diff-fast app: {model.describe().replace('**', '')}", file=sys.stderr)
     print(f"seg4diff-fast app: serving on http://{args.host}:{args.port}/ (Ctrl+C stops it)", file=sys.stderr)
@@ -75,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         ui.launch(demo, args.host, args.port, block=True)
     except OSError as e:
-        return _fail(f"cannot listen on {args.host}:{args.port} ({e}); pass another --port")
+        return fail("app", f"cannot listen on {args.host}:{args.port} ({e}); pass another --port")
     except KeyboardInterrupt:
         pass
     finally:

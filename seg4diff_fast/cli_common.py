@@ -5,22 +5,58 @@
   decides the defaults from the cores, once per command);
 - :func:`check_device`: a CUDA request on a torch without CUDA is one clear error, before anything loads;
 - :func:`load_model`: the pipeline (``--model`` or the embedded one), with ``--lora`` loaded, every failure a
-  :class:`CLIError` with one line that names the problem and the fix.
-
-Subcommand modules call these and print ``CLIError`` messages through their own ``_fail``.
+  :class:`CLIError` with one line that names the problem and the fix;
+- :func:`require_out`, :func:`check_out_folder`, :func:`check_batch_size`: the checks of ``--out`` and
+  ``--batch-size`` that several subcommands share, with one wording;
+- :func:`run_command`: a subcommand's body with every :class:`CLIError` printed by :func:`fail` (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CLIError", "add_model_arguments", "add_parallel_arguments", "check_device", "load_model",
-           "parallelism"]
+__all__ = ["CLIError", "add_model_arguments", "add_parallel_arguments", "check_batch_size", "check_device",
+           "check_out_folder", "fail", "load_model", "parallelism", "require_out", "run_command"]
 
 
 class CLIError(Exception):
     """A bad argument or input: the message is the one line the user sees."""
+
+
+def fail(command: str, message: str) -> int:
+    """Print ``seg4diff-fast COMMAND: error: MESSAGE`` on stderr; the exit status of a usage error, 2."""
+    print(f"seg4diff-fast {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_command(command: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``body(args)``'s exit status, or a :class:`CLIError` it raises printed by :func:`fail` (2)."""
+    try:
+        return body(args)
+    except CLIError as e:
+        return fail(command, str(e))
+
+
+def require_out(out: str | None) -> None:
+    """``--out DIR`` must be given."""
+    if not out:
+        raise CLIError("--out DIR is required")
+
+
+def check_out_folder(out: str) -> None:
+    """``--out`` may be missing (it is made) or a folder, not a file."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: a file is in the way; give a folder")
+
+
+def check_batch_size(batch_size: int) -> None:
+    """``--batch-size`` must be >= 1."""
+    if batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, lora: bool = True) -> None:
@@ -82,8 +118,6 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
     device = device if device is not None else getattr(args, "device", None)
     check_device(device)
     quiet_loading()
-    import os
-
     model = getattr(args, "model", None)
     if model is not None and not os.path.exists(model) and not _looks_like_hub_id(model):
         raise CLIError(f"--model {model}: no such folder; give a local diffusers folder (with model_index.json) "
@@ -118,8 +152,6 @@ def load_model(args: argparse.Namespace, *, device: str | None = None, dtype: st
 
 
 def _looks_like_hub_id(model: str) -> bool:
-    import os
-
     if os.path.exists(model) or os.path.isabs(model) or model.startswith((".", "~")):
         return False
     parts = model.split("/")

@@ -23,9 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, check_device, load_model, parallelism
+from .cli_common import (
+    CLIError,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_device,
+    fail,
+    load_model,
+    parallelism,
+)
 
 HELP = "evaluate zero-shot / unsupervised segmentation on a benchmark or a whole paper table (--preset)"
 
@@ -88,11 +95,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results JSON (default: results.json); with --preset a folder (default: eval_<preset>)")
 
 
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast eval: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _table(result: dict) -> str:
     lines = [f"{'class':<24} {'IoU':>7}", "-" * 32]
     for name, iou in result["per_class"].items():
@@ -148,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             return _run_preset(args)
         return _run_dataset(args)
     except CLIError as e:
-        return _fail(str(e))
+        return fail("eval", str(e))
 
 
 def _run_dataset(args: argparse.Namespace) -> int:
@@ -158,14 +160,14 @@ def _run_dataset(args: argparse.Namespace) -> int:
     from .utils.files import write_json
 
     if args.dataset is None:
-        return _fail(f"--dataset or --preset is required (datasets: {', '.join(DATASET_CHOICES)}; "
+        return fail("eval", f"--dataset or --preset is required (datasets: {', '.join(DATASET_CHOICES)}; "
                      f"presets: {', '.join(_preset_names())})")
     out_path = args.out or "results.json"
     pre_resize = 640 if args.pre_resize is None else (args.pre_resize or None)
     try:
         if args.dataset == "folder":
             if not (args.images and args.labels and args.classes):
-                return _fail("--dataset folder needs --images DIR --labels DIR --classes FILE.json")
+                return fail("eval", "--dataset folder needs --images DIR --labels DIR --classes FILE.json")
             dataset = SegDataset(args.images, args.labels, load_classnames(args.classes),
                                  ignore_index=args.ignore_index, name="folder")
             protocol = args.protocol or "open-vocab"
@@ -173,7 +175,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
             dataset = SegDataset.standard(args.dataset, args.root, args.images, args.labels, args.ignore_index)
             protocol = args.protocol or DATASETS[args.dataset].protocol
         if args.limit is not None and args.limit < 1:
-            return _fail("--limit must be >= 1")
+            return fail("eval", "--limit must be >= 1")
         pipe, reader = _load(args)
         layers = args.layers if args.layers is not None else [reader.defaults.layer]
         if layers != "all":
@@ -184,7 +186,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
                           layers="all" if layers == "all" else None, limit=args.limit, batch_size=args.batch_size,
                           threshold=args.threshold, power=args.power, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TypeError, ModelNotAvailableError, OSError) as e:
-        return _fail(str(e))
+        return fail("eval", str(e))
 
     record = _provenance(args, pipe)
     result["model"] = record["model"]
@@ -209,28 +211,28 @@ def _run_preset(args: argparse.Namespace) -> int:
     for flag, value in (("--dataset", args.dataset), ("--images", args.images), ("--labels", args.labels),
                         ("--classes", args.classes), ("--protocol", args.protocol)):
         if value is not None:
-            return _fail(f"--preset runs its own datasets and task; {flag} cannot be combined with it")
+            return fail("eval", f"--preset runs its own datasets and task; {flag} cannot be combined with it")
     if args.layers == "all":
-        return _fail("--preset runs the paper's layer; --layers all (a sweep) is for --dataset")
+        return fail("eval", "--preset runs the paper's layer; --layers all (a sweep) is for --dataset")
     reason = preset_unavailable(preset)
     if reason is not None:
-        return _fail(reason)
+        return fail("eval", reason)
     if not args.model:
-        return _fail(f"--preset {preset.name} needs --model PATH (the paper's model: {preset.model})")
+        return fail("eval", f"--preset {preset.name} needs --model PATH (the paper's model: {preset.model})")
     if preset.lora and not args.lora:
-        return _fail(f"--preset {preset.name} needs --lora PATH (the paper's MAGNET weights: {preset.lora})")
+        return fail("eval", f"--preset {preset.name} needs --lora PATH (the paper's MAGNET weights: {preset.lora})")
     if args.limit is not None and args.limit < 1:
-        return _fail("--limit must be >= 1")
+        return fail("eval", "--limit must be >= 1")
     pre_resize = preset.pre_resize if args.pre_resize is None else (args.pre_resize or None)
     try:
         pipe, reader = _load(args)
         if reader.family.name != preset.family:
-            return _fail(f"--preset {preset.name} reads a {preset.family} pipeline (the paper's model: "
+            return fail("eval", f"--preset {preset.name} reads a {preset.family} pipeline (the paper's model: "
                          f"{preset.model}); --model {args.model} is a {reader.family.name} pipeline")
         layers = list(reader.check_layers(args.layers or list(preset.layers), "--layers"))
         segmenter = _segmenter(reader, layers, pre_resize, args.batch_size, args.segmenter_protocol)
     except (FileNotFoundError, ValueError, TypeError, ModelNotAvailableError, OSError) as e:
-        return _fail(str(e))
+        return fail("eval", str(e))
 
     report = run_preset(preset, segmenter, args.root, limit=args.limit, batch_size=args.batch_size,
                         progress=not args.no_progress, threshold=args.threshold, power=args.power)

@@ -32,7 +32,16 @@ import argparse
 import os
 import sys
 
-from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, load_model, parallelism
+from .cli_common import (
+    CLIError,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_batch_size,
+    load_model,
+    parallelism,
+    require_out,
+    run_command,
+)
 
 HELP = "label a folder of images with a class list (label PNGs, COCO / YOLO exports, resumable, multi-process)"
 
@@ -67,11 +76,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast label: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def _warn(msg: str) -> None:
@@ -116,10 +120,7 @@ def _device(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as e:
-        return _fail(str(e))
+    return run_command("label", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -127,10 +128,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CLIError("--images DIR_OR_LIST is required")
     if args.classes is None:
         raise CLIError('--classes is required: a file with one name a line, or "cat,dog,sky"')
-    if not args.out:
-        raise CLIError("--out DIR is required")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_out(args.out)
+    check_batch_size(args.batch_size)
     formats = parse_formats(args.format, args.coco)
     yolo = "yolo-seg" in formats
     if yolo:

@@ -23,7 +23,15 @@ import math
 import os
 import sys
 
-from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, load_model, parallelism
+from .cli_common import (
+    CLIError,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_out_folder,
+    load_model,
+    parallelism,
+    run_command,
+)
 
 HELP = "layer analysis: attention mass (I2I/I2T/T2I/T2T) and grounding mIoU per block and head"
 
@@ -41,16 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_parallel_arguments(p, workers=False)
 
 
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast layers: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as e:
-        return _fail(str(e))
+    return run_command("layers", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -65,8 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CLIError("--scenes and --mass-scenes must be >= 1")
     if args.batch_size < 1:
         raise CLIError("--batch-size must be >= 1")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out}: a file is in the way; give a folder")
+    check_out_folder(args.out)
     parallelism(args, uses_workers=False)
     pipe = load_model(args)
     defaults = resolve_defaults(pipe)

@@ -30,7 +30,17 @@ import importlib
 import os
 import sys
 
-from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, check_device, load_model, parallelism
+from .cli_common import (
+    CLIError,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_device,
+    check_out_folder,
+    load_model,
+    parallelism,
+    require_out,
+    run_command,
+)
 
 #: held-out ShapesWorld scenes for the before/after mIoU (a few dozen: seconds on the embedded model)
 HELDOUT_SCENES = 48
@@ -91,11 +101,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast magnet: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _warn(msg: str) -> None:
     print(f"seg4diff-fast magnet: warning: {msg}", file=sys.stderr)
 
@@ -124,20 +129,15 @@ def warmup_warning(max_steps: int, warmup_steps: int) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as e:
-        return _fail(str(e))
+    return run_command("magnet", _run, args)
 
 
 def _run(args: argparse.Namespace) -> int:
     # cheap checks first: nothing loads and nothing is written until every argument is known to be good
     if not args.data:
         raise CLIError("--data is required: shapes, shapes:N, coco:DIR or sa1b:DIR")
-    if not args.out:
-        raise CLIError("--out DIR is required")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out}: a file is in the way; give a folder")
+    require_out(args.out)
+    check_out_folder(args.out)
     if args.heldout_scenes < 1:
         raise CLIError("--heldout-scenes must be >= 1 (--no-heldout skips the measurement)")
     par = parallelism(args)

@@ -30,7 +30,16 @@ import math
 import os
 import sys
 
-from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, load_model, parallelism
+from .cli_common import (
+    CLIError,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_batch_size,
+    load_model,
+    parallelism,
+    require_out,
+    run_command,
+)
 from .utils.files import atomic_write, palette, write_json
 
 HELP = "segment images with a list of class names (label PNG, overlay PNG, JSON per image)"
@@ -57,20 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_parallel_arguments(p, workers=False)
 
 
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast segment: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _warn(msg: str) -> None:
     print(f"seg4diff-fast segment: warning: {msg}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as e:
-        return _fail(str(e))
+    return run_command("segment", _run, args)
 
 
 def parse_classes(spec: str) -> list[str]:
@@ -115,10 +116,8 @@ def _run(args: argparse.Namespace) -> int:
         raise CLIError("give at least one image: seg4diff-fast segment IMG... --classes \"a,b\" --out DIR")
     if args.classes is None:
         raise CLIError("--classes is required, e.g. --classes \"cat,sofa,background\"")
-    if not args.out:
-        raise CLIError("--out DIR is required")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_out(args.out)
+    check_batch_size(args.batch_size)
     if not 0.0 <= args.alpha <= 1.0:
         raise CLIError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.resolution is not None and args.resolution < 1:

@@ -42,12 +42,19 @@ import html
 import json
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cli_common import CLIError, add_model_arguments, add_parallel_arguments, load_model, parallelism
+from .cli_common import (
+    CLIError,
+    add_model_arguments,
+    add_parallel_arguments,
+    check_out_folder,
+    load_model,
+    parallelism,
+    run_command,
+)
 
 HELP = (
     "zero-shot vs MAGNET segmentation of held-out ShapesWorld scenes with the embedded SD3 pipeline on the CPU: "
@@ -485,17 +492,9 @@ def lora_record(path: str, source: str) -> dict[str, Any]:
     return rec
 
 
-def _fail(msg: str) -> int:
-    print(f"seg4diff-fast demo: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the demo; 0 on success, 1 if the core op disagrees with the reference, 2 on a usage error."""
-    try:
-        return _run(args)
-    except CLIError as e:
-        return _fail(str(e))
+    return run_command("demo", _run, args)
 
 
 def _magnet_source(args: argparse.Namespace) -> tuple[str | None, str, str | None]:
@@ -535,12 +534,12 @@ def _run(args: argparse.Namespace) -> int:
     n_scenes = DEMO_SCENES if args.scenes is None else int(args.scenes)
     if not 1 <= n_scenes <= MAX_SCENES:
         raise CLIError(f"--scenes {args.scenes}: give a number of scenes from 1 to {MAX_SCENES}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out}: a file is in the way; give a folder")
+    check_out_folder(args.out)
     lora_path, lora_source, no_magnet_why = _magnet_source(args)
     parallelism(args, uses_workers=False)
     device = args.device or "cpu"
     t0 = time.perf_counter()
+
     def frozen(pipe: Any) -> Any:
         for comp in pipe.components.values():
             if isinstance(comp, torch.nn.Module):

@@ -15,6 +15,8 @@ if not HAS_CUDA:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+pytest.register_assert_rewrite("_capture_check")  # its checks' asserts report like the tests' own
+
 
 @pytest.fixture
 def device() -> torch.device:
@@ -50,6 +52,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def unpatch_capture(request):
+    """After the test, fast capture disabled on its ``pipe`` and ``model`` fixtures (module-scoped: the next
+    test starts from the stock processors)."""
+    yield
+    from seg4diff_fast import disable_fast_capture
+
+    for name in ("pipe", "model"):
+        if name in request.fixturenames:
+            disable_fast_capture(request.getfixturevalue(name))
 
 
 @pytest.fixture

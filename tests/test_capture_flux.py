@@ -1,18 +1,20 @@
 """Fast capture on tiny Flux pipelines: double- and single-stream blocks, [text; image] order, RoPE;
 outputs match the stock processors, maps match a materialised float64 reference."""
 
+from functools import partial
+
 import pytest
 import torch
+from _capture_check import check_true_cfg_negative_calls_not_captured, generate, stock_restored_after
 from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
 from seg4diff_fast.capture.flux import FastFluxAttnProcessor
 from seg4diff_fast.testing import record_stock_attention, reference_maps, tiny_flux_pipeline, tiny_flux_transformer
 
-PROMPT = "a cat on a red sofa"
+pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_capture")
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+_gen = partial(generate, max_sequence_length=8)
 
 
 @pytest.fixture(scope="module")
@@ -22,31 +24,13 @@ def pipe():
     disable_fast_capture(p)
 
 
-@pytest.fixture(autouse=True)
-def _unpatch_after(request):
-    yield
-    if "pipe" in request.fixturenames:
-        disable_fast_capture(request.getfixturevalue("pipe"))
-
-
-def _gen(pipe, seed, **kw):
-    args = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="latent")
-    args.update(kw)
-    return pipe(args.pop("prompt", PROMPT), generator=torch.Generator().manual_seed(seed), **args).images
-
-
 def test_generation_matches_stock_and_disable_restores(pipe):
     seed = _seed()
-    stock_procs = dict(pipe.transformer.attn_processors)
-    stock = _gen(pipe, seed, width=48)
-    cap = enable_fast_capture(pipe, layers=[0, 3])
-    assert all(isinstance(p, FastFluxAttnProcessor) for p in pipe.transformer.attn_processors.values())
-    torch.testing.assert_close(_gen(pipe, seed, width=48), stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-    assert cap.num_captured == 2
-    disable_fast_capture(pipe)
-    assert pipe.transformer.attn_processors == stock_procs
-    assert "cache_context" not in pipe.transformer.__dict__
-    assert torch.equal(_gen(pipe, seed, width=48), stock)
+    with stock_restored_after(pipe, _gen, seed) as stock:
+        cap = enable_fast_capture(pipe, layers=[0, 3])
+        assert all(isinstance(p, FastFluxAttnProcessor) for p in pipe.transformer.attn_processors.values())
+        torch.testing.assert_close(_gen(pipe, seed, width=48), stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        assert cap.num_captured == 2
 
 
 @pytest.mark.parametrize(
@@ -68,16 +52,7 @@ def test_maps_match_reference(pipe, layers, size, batch, seq):
 
 
 def test_true_cfg_negative_calls_are_not_captured(pipe):
-    seed = _seed()
-    kw = dict(num_inference_steps=3, negative_prompt="a dog", true_cfg_scale=3.0)
-    with record_stock_attention(pipe.transformer) as rec:
-        stock = _gen(pipe, seed, **kw)
-    assert len(rec["transformer_blocks.1.attn"]) == 6  # (cond, uncond) per step
-    cap = enable_fast_capture(pipe, layers=[1, 2], tokens=[0, 1, 5], keep_steps=True)
-    torch.testing.assert_close(_gen(pipe, seed, **kw), stock, rtol=1e-5, atol=1e-5)
-    assert cap.step_count == 3 and cap.captured_steps == [0, 1, 2]
-    ref = reference_maps(rec, pipe.transformer, [1, 2], (8, 8), [0, 1, 5], calls=[0, 2, 4], keep_steps=True)
-    torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7)
+    check_true_cfg_negative_calls_not_captured(pipe, _gen)
 
 
 @pytest.mark.parametrize("mode,head_reduce", [("logits", "none"), ("sel_probs", "max"), ("probs", "none")])

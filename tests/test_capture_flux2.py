@@ -3,32 +3,32 @@
 stock processors, maps and attention mass match a float64 reference materialised from the q/k the stock
 processors hand to SDPA."""
 
+from functools import partial
+
 import pytest
 import torch
+from _capture_check import check_block_mass, generate, run_to_early_exit, stock_restored_after
 from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
 from seg4diff_fast.capture import (
-    EarlyExit,
     FastFlux2AttnProcessor,
     FastFlux2ParallelSelfAttnProcessor,
     capture_family,
     check_layers,
     count_layers,
-    early_exit,
 )
 from seg4diff_fast.testing import (
     prompt_token_span,
     record_stock_attention,
     reference_maps,
-    reference_mass,
     tiny_flux2_pipeline,
     tiny_flux2_transformer,
 )
 
-PROMPT = "a cat on a red sofa"
+pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_capture")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+_gen = partial(generate, max_sequence_length=12)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -58,37 +58,19 @@ def model():
     return tiny_flux2_transformer(seed=_seed() % 1000)
 
 
-@pytest.fixture(autouse=True)
-def _unpatch_after(request):
-    yield
-    for name in ("pipe", "model"):
-        if name in request.fixturenames:
-            disable_fast_capture(request.getfixturevalue(name))
-
-
-def _gen(pipe, seed, **kw):
-    args = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=12, output_type="latent")
-    args.update(kw)
-    return pipe(prompt=args.pop("prompt", PROMPT), generator=torch.Generator().manual_seed(seed), **args).images
-
-
 # -------------------------------------------------------------------------------------------- tests
 def test_generation_matches_stock_and_disable_restores(pipe):
     seed = _seed()
     assert capture_family(pipe) == capture_family(pipe.transformer) == "flux2" and count_layers(pipe) == 4
-    stock_procs = dict(pipe.transformer.attn_processors)
-    stock = _gen(pipe, seed, width=48)
-    cap = enable_fast_capture(pipe, layers=[0, 3])
-    assert cap.family == "flux2"
-    procs = pipe.transformer.attn_processors
-    assert all(isinstance(p, FastFlux2AttnProcessor) for k, p in procs.items() if k.startswith("transformer_"))
-    assert all(isinstance(p, FastFlux2ParallelSelfAttnProcessor) for k, p in procs.items() if k.startswith("single"))
-    torch.testing.assert_close(_gen(pipe, seed, width=48), stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-    assert cap.num_captured == 2 and cap.step_count == 2  # the "uncond" calls are neither counted nor captured
-    disable_fast_capture(pipe)
-    assert all(pipe.transformer.attn_processors[k] is p for k, p in stock_procs.items())
-    assert "cache_context" not in pipe.transformer.__dict__
-    assert torch.equal(_gen(pipe, seed, width=48), stock)
+    with stock_restored_after(pipe, _gen, seed) as stock:
+        cap = enable_fast_capture(pipe, layers=[0, 3])
+        assert cap.family == "flux2"
+        procs = pipe.transformer.attn_processors
+        assert all(isinstance(p, FastFlux2AttnProcessor) for k, p in procs.items() if k.startswith("transformer_"))
+        assert all(isinstance(p, FastFlux2ParallelSelfAttnProcessor)
+                   for k, p in procs.items() if k.startswith("single"))
+        torch.testing.assert_close(_gen(pipe, seed, width=48), stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        assert cap.num_captured == 2 and cap.step_count == 2  # the "uncond" calls are neither counted nor captured
 
 
 def test_pipeline_maps_match_reference_under_true_cfg(pipe):
@@ -155,27 +137,12 @@ def test_early_exit_and_measure_mass(model, backend):
     x = inputs(2, n_txt, grid, refs=[(2, 3)], seed=seed)
     with torch.no_grad(), record_stock_attention(model) as rec:
         model(**x)
-    ran = []
-    hook = model.single_transformer_blocks[1].attn.register_forward_pre_hook(lambda *a: ran.append(1))
-    try:
-        cap = enable_fast_capture(model, layers=[0, 2], stop_after=2, backend=backend)  # first single-stream block
-        with torch.no_grad():
-            with pytest.raises(EarlyExit):
-                model(**x)
-            with early_exit():
-                model(**x)
-    finally:
-        hook.remove()
-    assert not ran  # nothing after the stop block's attention runs
+    # stop after block 2, the first single-stream one: the second single-stream block never runs
+    cap = run_to_early_exit(model, x, [0, 2], 2, backend, model.single_transformer_blocks[1].attn)
     ref = reference_maps(rec, model, [0, 2], grid, range(n_txt), n_txt=n_txt)
     assert cap.num_captured == 2
     torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
-
-    cap = enable_fast_capture(model, layers=[], measure_mass=True, backend=backend)
-    with torch.no_grad():
-        model(**x)
-    got = torch.stack([cap.block_mass[i] for i in range(4)])
-    torch.testing.assert_close(got, reference_mass(rec, model, 15, n_txt), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    check_block_mass(model, x, rec, 4, 15, n_txt, backend, seed)
 
 
 def test_layer_range_error_and_kv_cache_refused(model):

@@ -9,15 +9,21 @@ from functools import partial
 
 import pytest
 import torch
+from _capture_check import (
+    PROMPT,
+    check_block_mass,
+    check_true_cfg_negative_calls_not_captured,
+    generate,
+    run_to_early_exit,
+    stock_restored_after,
+)
 from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
 from seg4diff_fast.capture import (
-    EarlyExit,
     FastQwenDoubleStreamAttnProcessor,
     capture_family,
     count_layers,
-    early_exit,
 )
 from seg4diff_fast.testing import (
     prompt_token_span,
@@ -28,13 +34,12 @@ from seg4diff_fast.testing import (
     tiny_qwenimage_transformer,
 )
 
-PROMPT = "a cat on a red sofa"
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_capture")
 
 
 # ------------------------------------------------------------------------------------------ helpers
 record_sdpa = partial(record_stock_attention, with_mask=True)  # (q, k, key mask) per SDPA call, by module name
+_gen = partial(generate, true_cfg_scale=1.0)
 
 
 @contextmanager
@@ -83,20 +88,6 @@ def model():
     return tiny_qwenimage_transformer(num_layers=3, seed=_seed() % 1000)
 
 
-@pytest.fixture(autouse=True)
-def _unpatch_after(request):
-    yield
-    for name in ("pipe", "model"):
-        if name in request.fixturenames:
-            disable_fast_capture(request.getfixturevalue(name))
-
-
-def _gen(pipe, seed, prompt=PROMPT, **kw):
-    args = dict(num_inference_steps=2, height=32, width=32, output_type="latent", true_cfg_scale=1.0)
-    args.update(kw)
-    return pipe(prompt, generator=torch.Generator().manual_seed(seed), **args).images
-
-
 def _text_len(pipe, prompt):
     from seg4diff_fast.testing import text_sequence_length
 
@@ -107,32 +98,17 @@ def _text_len(pipe, prompt):
 def test_generation_matches_stock_and_disable_restores(pipe):
     seed = _seed()
     assert capture_family(pipe) == capture_family(pipe.transformer) == "qwenimage" and count_layers(pipe) == 3
-    stock_procs = dict(pipe.transformer.attn_processors)
-    stock = _gen(pipe, seed, width=48)
-    cap = enable_fast_capture(pipe, layers=[0, 2])
-    assert cap.family == "qwenimage"
-    assert all(isinstance(p, FastQwenDoubleStreamAttnProcessor) for p in pipe.transformer.attn_processors.values())
-    fast = _gen(pipe, seed, width=48, attention_kwargs={"scale": 1.0})  # the user's kwargs still pass through
-    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-    assert cap.num_captured == 2 and cap.maps.shape == (1, 2, _text_len(pipe, PROMPT), 8, 12)
-    disable_fast_capture(pipe)
-    assert all(pipe.transformer.attn_processors[k] is p for k, p in stock_procs.items())
-    assert "cache_context" not in pipe.transformer.__dict__
-    assert torch.equal(_gen(pipe, seed, width=48), stock)
+    with stock_restored_after(pipe, _gen, seed) as stock:
+        cap = enable_fast_capture(pipe, layers=[0, 2])
+        assert cap.family == "qwenimage"
+        assert all(isinstance(p, FastQwenDoubleStreamAttnProcessor) for p in pipe.transformer.attn_processors.values())
+        fast = _gen(pipe, seed, width=48, attention_kwargs={"scale": 1.0})  # the user's kwargs still pass through
+        torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        assert cap.num_captured == 2 and cap.maps.shape == (1, 2, _text_len(pipe, PROMPT), 8, 12)
 
 
 def test_true_cfg_negative_calls_are_not_captured(pipe):
-    seed = _seed()
-    kw = dict(num_inference_steps=3, negative_prompt="a dog", true_cfg_scale=3.0)
-    with record_sdpa(pipe.transformer) as rec:
-        stock = _gen(pipe, seed, **kw)
-    assert len(rec["transformer_blocks.1.attn"]) == 6  # (cond, uncond) per step
-    cap = enable_fast_capture(pipe, layers=[1, 2], tokens=[0, 1, 5], keep_steps=True)
-    torch.testing.assert_close(_gen(pipe, seed, **kw), stock, rtol=1e-5, atol=1e-5)
-    assert cap.step_count == 3 and cap.captured_steps == [0, 1, 2]
-    ref = reference_maps(rec, pipe.transformer, [1, 2], (8, 8), [0, 1, 5], calls=[0, 2, 4], keep_steps=True,
-                         n_txt=_text_len(pipe, PROMPT))
-    torch.testing.assert_close(cap.maps.double(), ref, rtol=1e-4, atol=1e-7)
+    check_true_cfg_negative_calls_not_captured(pipe, _gen, record_sdpa, n_txt=_text_len(pipe, PROMPT))
 
 
 def test_batch_of_prompts_with_padding_matches_stock(pipe):
@@ -215,26 +191,11 @@ def test_early_exit_and_measure_mass_with_mask(model, backend):
     x = inputs(2, n_txt, grid, padded_mask(2, n_txt), conditions=[(2, 3)], seed=seed)
     with torch.no_grad(), record_sdpa(model) as rec:
         model(**x)
-    ran = []
-    hook = model.transformer_blocks[2].attn.register_forward_pre_hook(lambda *a: ran.append(1))
-    try:
-        cap = enable_fast_capture(model, layers=[0, 1], stop_after=1, backend=backend)
-        with torch.no_grad():
-            with pytest.raises(EarlyExit):
-                model(**x)
-            with early_exit():
-                model(**x)
-    finally:
-        hook.remove()
-    assert not ran and cap.num_captured == 2
+    cap = run_to_early_exit(model, x, [0, 1], 1, backend, model.transformer_blocks[2].attn)
+    assert cap.num_captured == 2
     torch.testing.assert_close(cap.maps.double(), reference_maps(rec, model, [0, 1], grid, range(n_txt), n_txt=n_txt),
                                rtol=1e-4, atol=1e-7, msg=f"seed {seed}")
-
-    cap = enable_fast_capture(model, layers=[], measure_mass=True, backend=backend)
-    with torch.no_grad():
-        model(**x)
-    got = torch.stack([cap.block_mass[i] for i in range(3)])
-    torch.testing.assert_close(got, reference_mass(rec, model, 15, n_txt), rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+    check_block_mass(model, x, rec, 3, 15, n_txt, backend, seed)
 
 
 def test_layer_range_error_and_grid_errors(model):

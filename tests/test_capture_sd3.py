@@ -1,8 +1,11 @@
 """Fast capture on SD3 / SD3.5 tiny pipelines: outputs match the stock processors, maps match a
 materialised float64 reference computed from the q/k the stock processors hand to SDPA."""
 
+from functools import partial
+
 import pytest
 import torch
+from _capture_check import PROMPT, generate, stock_restored_after
 from conftest import fresh_seed as _seed
 
 from seg4diff_fast import disable_fast_capture, enable_fast_capture
@@ -15,10 +18,9 @@ from seg4diff_fast.testing import (
     tiny_sd35_pipeline,
 )
 
-PROMPT = "a cat on a red sofa"
+pytestmark = pytest.mark.usefixtures("one_thread", "unpatch_capture")
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+_gen = partial(generate, max_sequence_length=8)
 
 
 @pytest.fixture(scope="module", params=["sd3", "sd35"])
@@ -28,31 +30,14 @@ def pipe(request):
     disable_fast_capture(p)
 
 
-@pytest.fixture(autouse=True)
-def _unpatch_after(request):
-    yield
-    if "pipe" in request.fixturenames:
-        disable_fast_capture(request.getfixturevalue("pipe"))
-
-
-def _gen(pipe, seed, **kw):
-    args = dict(num_inference_steps=2, height=32, width=32, max_sequence_length=8, output_type="latent")
-    args.update(kw)
-    return pipe(args.pop("prompt", PROMPT), generator=torch.Generator().manual_seed(seed), **args).images
-
-
 def test_generation_matches_stock_and_disable_restores(pipe):
     seed = _seed()
-    stock_procs = dict(pipe.transformer.attn_processors)
-    stock = _gen(pipe, seed, width=48)
-    cap = enable_fast_capture(pipe, layers=[0, 1, 2])
-    assert all(isinstance(p, FastJointAttnProcessor) for p in pipe.transformer.attn_processors.values())
-    fast = _gen(pipe, seed, width=48)
-    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-    assert cap.num_captured == 2
-    disable_fast_capture(pipe)
-    assert pipe.transformer.attn_processors == stock_procs
-    assert torch.equal(_gen(pipe, seed, width=48), stock)
+    with stock_restored_after(pipe, _gen, seed) as stock:
+        cap = enable_fast_capture(pipe, layers=[0, 1, 2])
+        assert all(isinstance(p, FastJointAttnProcessor) for p in pipe.transformer.attn_processors.values())
+        fast = _gen(pipe, seed, width=48)
+        torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        assert cap.num_captured == 2
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,10 +50,11 @@ import torch
 from .shipped import WEIGHTS_DIR
 from .world import WORDS
 
-__all__ = ["ShapesConfig", "WEIGHTS_DIR", "build_pipeline", "close_pooled_shortcut", "load_shapes_pipeline",
-           "save_pipeline", "trainable_parameters", "world_tokenizer"]
+__all__ = ["BPE_CHARS", "ShapesConfig", "WEIGHTS_DIR", "build_pipeline", "close_pooled_shortcut",
+           "load_shapes_pipeline", "save_pipeline", "trainable_parameters", "world_tokenizer", "write_clip_bpe"]
 
-_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
+# the characters a tiny CLIP vocabulary spells unknown words with
+BPE_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 
 
 @dataclass
@@ -103,26 +105,36 @@ class ShapesConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _write_vocab(folder: str) -> None:
-    """CLIP BPE files: every character (alone and word-final) and the world's words whole."""
+def write_clip_bpe(folder: str, pieces: Iterable[tuple[str, bool]], chars: str = BPE_CHARS) -> None:
+    """CLIP BPE files (``vocab.json``, ``merges.txt``) in ``folder``: BOS and EOS, every one of ``chars`` alone
+    and word-final (``</w>``), then each ``(piece, word_final)`` merged left to right into one token, its last
+    symbol carrying ``</w>`` when word-final. A merge is listed once, where it first appears (earlier pieces
+    outrank later ones).
+
+    Example:
+        >>> import json, os, tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> write_clip_bpe(folder, [("cat", True), ("car", True), ("so", False)], chars="acorst")
+        >>> open(os.path.join(folder, "merges.txt")).read().splitlines()[1:]
+        ['c a', 'ca t</w>', 'ca r</w>', 's o']
+        >>> len(json.load(open(os.path.join(folder, "vocab.json"))))  # 2 + 6 × 2 characters + ca, cat, car, so
+        18
+    """
     vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     merges: list[str] = []
-
-    def add(tok: str) -> None:
-        vocab.setdefault(tok, len(vocab))
-
-    for c in _CHARS:
-        add(c)
-        add(c + "</w>")
-    for w in sorted(WORDS, key=len, reverse=True):  # longest first: their merges outrank sub-pairs
-        syms = list(w)
-        syms[-1] += "</w>"
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    for piece, word_final in pieces:
+        syms = list(piece)
+        if word_final:
+            syms[-1] += "</w>"
         cur = syms[0]
         for s in syms[1:]:
             if f"{cur} {s}" not in merges:
                 merges.append(f"{cur} {s}")
             cur += s
-            add(cur)
+            vocab.setdefault(cur, len(vocab))
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
@@ -134,7 +146,8 @@ def world_tokenizer(length: int = 77) -> Any:
     from transformers import CLIPTokenizer
 
     folder = tempfile.mkdtemp(prefix="shapesworld_tok_")
-    _write_vocab(folder)
+    # every character and the world's words whole, longest first: their merges outrank sub-pairs
+    write_clip_bpe(folder, ((w, True) for w in sorted(WORDS, key=len, reverse=True)))
     return CLIPTokenizer(vocab=os.path.join(folder, "vocab.json"), merges=os.path.join(folder, "merges.txt"),
                          model_max_length=length)
 

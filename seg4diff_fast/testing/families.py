@@ -74,7 +74,7 @@ import tempfile
 
 import torch
 
-from .tiny import SPLIT_WORDS, WORDS, _finish, _seed_all
+from .tiny import _VAE_LAYOUT, SPLIT_WORDS, WORDS, _finish, _seed_all, _tiny_transformer
 
 # Words the tiny Qwen tokenizer knows whole, with and without a leading space, on top of WORDS
 # (SPLIT_WORDS, e.g. "sofa" → "so" + "fa", stay split in two, to exercise sub-word merging).
@@ -263,14 +263,11 @@ def tiny_flux2_transformer(num_layers: int = 2, num_single_layers: int = 2, head
 
     if head_dim % 8:
         raise ValueError("head_dim must be a multiple of 8 (four even RoPE axes)")
-    _seed_all(seed)
-    model = Flux2Transformer2DModel(
+    return _tiny_transformer(
+        Flux2Transformer2DModel, seed, num_layers, heads, head_dim,
         patch_size=1,
         in_channels=in_channels,
-        num_layers=num_layers,
         num_single_layers=num_single_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
         joint_attention_dim=joint_attention_dim,
         timestep_guidance_channels=32,
         mlp_ratio=3.0,
@@ -278,24 +275,12 @@ def tiny_flux2_transformer(num_layers: int = 2, num_single_layers: int = 2, head
         rope_theta=2000,
         guidance_embeds=False,
     )
-    return model.eval()
 
 
 def _tiny_flux2_vae(latent_channels: int, seed: int):
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),  # vae_scale_factor 2
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        patch_size=(2, 2),
-    )
+    vae = AutoencoderKLFlux2(**_VAE_LAYOUT, latent_channels=latent_channels, patch_size=(2, 2))
     # the pipeline (de)normalises the 2×2-patchified latents with the batch-norm running stats;
     # give them non-trivial values so that path is exercised (they are buffers: saved and loaded)
     g = torch.Generator().manual_seed(seed + 7)
@@ -326,21 +311,28 @@ def _tiny_qwen3_encoder(vocab_size: int, hidden: int, num_layers: int, pad_id: i
     return Qwen3ForCausalLM(config)
 
 
-def flux2_klein_scheduler():
-    """FLUX.2 klein's scheduler: flow-matching Euler with (exponential) dynamic shifting; the pipeline
-    computes ``mu`` itself from the image token count and the number of steps."""
+def _exponential_shift_scheduler(shift: float, max_shift: float, max_image_seq_len: int, **extra):
+    """Flow-matching Euler with exponential dynamic shifting, ``mu`` from the image token count: 0.5 at 256
+    tokens to ``max_shift`` at ``max_image_seq_len`` (the schedulers of Flux.2 klein and Qwen-Image)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
-        shift=3.0,
+        shift=shift,
         use_dynamic_shifting=True,
         base_shift=0.5,
-        max_shift=1.15,
+        max_shift=max_shift,
         base_image_seq_len=256,
-        max_image_seq_len=4096,
+        max_image_seq_len=max_image_seq_len,
         time_shift_type="exponential",
+        **extra,
     )
+
+
+def flux2_klein_scheduler():
+    """FLUX.2 klein's scheduler: flow-matching Euler with (exponential) dynamic shifting; the pipeline
+    computes ``mu`` itself from the image token count and the number of steps."""
+    return _exponential_shift_scheduler(shift=3.0, max_shift=1.15, max_image_seq_len=4096)
 
 
 def tiny_flux2_pipeline(
@@ -419,19 +411,15 @@ def tiny_qwenimage_transformer(num_layers: int = 2, heads: int = 2, head_dim: in
     frame = 2 * (head_dim // 8)
     height = 2 * ((head_dim - frame) // 4)
     axes = (frame, height, head_dim - frame - height)
-    _seed_all(seed)
-    model = QwenImageTransformer2DModel(
+    return _tiny_transformer(
+        QwenImageTransformer2DModel, seed, num_layers, heads, head_dim,
         patch_size=2,
         in_channels=in_channels,
         out_channels=in_channels // 4,
-        num_layers=num_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
         joint_attention_dim=joint_attention_dim,
         guidance_embeds=False,
         axes_dims_rope=axes,
     )
-    return model.eval()
 
 
 def _tiny_qwenimage_vae(z_dim: int, seed: int):
@@ -500,19 +488,7 @@ def _tiny_qwen25vl_encoder(tokenizer, hidden: int, num_layers: int):
 def qwenimage_scheduler():
     """Qwen-Image's scheduler: flow-matching Euler, exponential dynamic shifting (mu from the image
     token count between 256 and 8192 tokens, 0.5 → 0.9), terminal shift 0.02."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=0.9,
-        base_image_seq_len=256,
-        max_image_seq_len=8192,
-        shift_terminal=0.02,
-        time_shift_type="exponential",
-    )
+    return _exponential_shift_scheduler(shift=1.0, max_shift=0.9, max_image_seq_len=8192, shift_terminal=0.02)
 
 
 def tiny_qwenimage_pipeline(

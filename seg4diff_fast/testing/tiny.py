@@ -3,16 +3,7 @@
 They use the real diffusers pipeline classes with tiny configs, CLIP and T5 tokenizers made from vocab
 files written to a temporary folder, and a tiny VAE, so that the capture machinery (and anything else
 that drives a pipeline) can be exercised in seconds without downloading weights. The images they make
-are noise; only the shapes and the code paths are real.
-
-Example:
-    >>> import torch
-    >>> from seg4diff_fast.testing import tiny_sd3_pipeline
-    >>> pipe = tiny_sd3_pipeline()
-    >>> image = pipe("a cat on a red sofa", num_inference_steps=2, height=32, width=32,
-    ...              max_sequence_length=8, generator=torch.Generator().manual_seed(0)).images[0]
-    >>> image.size
-    (32, 32)
+are noise; only the shapes and the code paths are real. (An example: the package docstring.)
 """
 
 from __future__ import annotations
@@ -23,6 +14,8 @@ import tempfile
 
 import torch
 
+from ..shapes.pipeline import BPE_CHARS, write_clip_bpe
+
 # Words the tiny tokenizers know whole; anything else falls back to characters. "sofa" and "sunset"
 # are deliberately split into two sub-word tokens in both tokenizers, to exercise sub-word merging.
 WORDS = (
@@ -30,7 +23,6 @@ WORDS = (
     "photo", "person", "grass", "road", "house", "and", "with", "at", "bird", "water", "table",
 )
 SPLIT_WORDS = {"sofa": ("so", "fa"), "sunset": ("sun", "set")}
-_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"
 
 _TOKENIZER_DIR: str | None = None
 
@@ -41,37 +33,8 @@ def _seed_all(seed: int) -> None:
 
 def _write_clip_files(folder: str) -> None:
     """A CLIP BPE vocabulary: every character (alone and word-final), the WORDS whole, SPLIT_WORDS in two."""
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges: list[str] = []
-
-    def add(tok: str) -> None:
-        vocab.setdefault(tok, len(vocab))
-
-    for c in _CHARS:
-        add(c)
-        add(c + "</w>")
-
-    def add_chain(piece: str, final: bool) -> None:
-        # merge the piece's characters left to right; the last symbol carries </w> if word-final
-        syms = list(piece)
-        if final:
-            syms[-1] += "</w>"
-        cur = syms[0]
-        for s in syms[1:]:
-            merges.append(f"{cur} {s}")
-            cur += s
-            add(cur)
-
-    for w in WORDS:
-        if len(w) > 1:
-            add_chain(w, final=True)
-    for first, rest in SPLIT_WORDS.values():
-        add_chain(first, final=False)
-        add_chain(rest, final=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    split = [piece for first, rest in SPLIT_WORDS.values() for piece in ((first, False), (rest, True))]
+    write_clip_bpe(folder, [*((w, True) for w in WORDS), *split])
 
 
 def _write_t5_files(folder: str) -> None:
@@ -84,7 +47,7 @@ def _write_t5_files(folder: str) -> None:
     for first, rest in SPLIT_WORDS.values():
         pieces.append(("▁" + first, -3.0))
         pieces.append((rest, -3.0))
-    for c in _CHARS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
+    for c in BPE_CHARS + "ABCDEFGHIJKLMNOPQRSTUVWXYZ":
         pieces.append((c, -6.0))
         pieces.append(("▁" + c, -7.0))
     seen: set[str] = set()
@@ -180,24 +143,39 @@ def _t5_encoder(vocab_size: int, d_model: int):
     return T5EncoderModel(config)
 
 
-def _tiny_vae(latent_channels: int, shift: float, scale: float):
+# Every tiny VAE's encoder and decoder: two blocks of width 8 (vae_scale_factor 2), one layer each, RGB in and out.
+_VAE_LAYOUT = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 8),
+    layers_per_block=1,
+    norm_num_groups=4,
+    sample_size=32,
+)
+
+
+def _tiny_vae(latent_channels: int, shift: float = 0.0609, scale: float = 1.5035):
+    """An ``AutoencoderKL`` of :data:`_VAE_LAYOUT` (latent shift and scale: SD3's by default)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),  # vae_scale_factor 2
-        layers_per_block=1,
+        **_VAE_LAYOUT,
         latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=shift,
         scaling_factor=scale,
     )
+
+
+def _tiny_transformer(cls, seed: int, num_layers: int, heads: int, head_dim: int, **config):
+    """``cls`` with ``num_layers`` blocks of ``heads`` × ``head_dim`` and ``config``, initialised from ``seed``,
+    in eval mode."""
+    _seed_all(seed)
+    model = cls(num_layers=num_layers, num_attention_heads=heads, attention_head_dim=head_dim, **config)
+    return model.eval()
 
 
 def _finish(pipe, dtype: torch.dtype | None, device: str | torch.device | None):
@@ -227,14 +205,11 @@ def tiny_sd3_transformer(
 
     if num_layers < 2:
         raise ValueError("num_layers must be >= 2 (with one block, the only block is context_pre_only)")
-    _seed_all(seed)
-    model = SD3Transformer2DModel(
+    return _tiny_transformer(
+        SD3Transformer2DModel, seed, num_layers, heads, head_dim,
         sample_size=16,
         patch_size=2,
         in_channels=latent_channels,
-        num_layers=num_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
         joint_attention_dim=joint_attention_dim,
         caption_projection_dim=heads * head_dim,
         pooled_projection_dim=pooled_projection_dim,
@@ -243,7 +218,6 @@ def tiny_sd3_transformer(
         dual_attention_layers=tuple(dual_attention_layers),
         qk_norm=qk_norm,
     )
-    return model.eval()
 
 
 def tiny_sd3_pipeline(
@@ -286,7 +260,7 @@ def tiny_sd3_pipeline(
     if t5:
         tokenizer_3 = tiny_t5_tokenizer()
         text_encoder_3 = _t5_encoder(len(tokenizer_3), 32)
-    vae = _tiny_vae(latent_channels, shift=0.0609, scale=1.5035)
+    vae = _tiny_vae(latent_channels)
     pipe = pipeline_class(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -317,19 +291,15 @@ def tiny_flux_transformer(num_layers: int = 2, num_single_layers: int = 2, heads
 
     if head_dim != 16:
         raise ValueError("the tiny Flux transformer's RoPE axes (4, 6, 6) need head_dim=16")
-    _seed_all(seed)
-    model = FluxTransformer2DModel(
+    return _tiny_transformer(
+        FluxTransformer2DModel, seed, num_layers, heads, head_dim,
         patch_size=1,
         in_channels=4,
-        num_layers=num_layers,
         num_single_layers=num_single_layers,
-        attention_head_dim=head_dim,
-        num_attention_heads=heads,
         joint_attention_dim=32,
         pooled_projection_dim=32,
         axes_dims_rope=(4, 6, 6),
     )
-    return model.eval()
 
 
 def tiny_flux_pipeline(
@@ -353,7 +323,7 @@ def tiny_flux_pipeline(
     _seed_all(seed + 1)
     text_encoder = _clip_text_encoder(len(clip_tok), 32, with_projection=False)
     text_encoder_2 = _t5_encoder(len(t5_tok), 32)
-    vae = _tiny_vae(1, shift=0.0609, scale=1.5035)
+    vae = _tiny_vae(1)
     pipe = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
