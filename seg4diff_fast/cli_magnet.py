@@ -75,10 +75,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int,
                    help="linear warm-up, then cosine (default: the model's recipe, else 500); longer than "
                         "--max-steps: a warning, kept as given")
-    p.add_argument("--rank", type=int, default=16, help="LoRA rank (16); alpha = --alpha (16)")
-    p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--lambda-focal", type=float, default=0.1)
-    p.add_argument("--lambda-dice", type=float, default=0.2)
+    p.add_argument("--rank", type=int, help="LoRA rank (default: the model's recipe, else 16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the model's recipe, else 16)")
+    p.add_argument("--target-modules", type=_module_list,
+                   help="comma-separated linear layers of every block that get the LoRA, e.g. "
+                        "to_q,to_k,to_v,to_out.0,ff.net.0.proj (default: the model's recipe, else the family's "
+                        "attention projections)")
+    p.add_argument("--lambda-focal", type=float, help="focal loss weight (default: the model's recipe, else 0.1)")
+    p.add_argument("--lambda-dice", type=float, help="dice loss weight (default: the model's recipe, else 0.2)")
     p.add_argument("--head-reduce", default="none", choices=["none", "mean"],
                    help="matched (SA-1B) data: per-head candidates (none, the authors') or the head mean")
     p.add_argument("--conv-head", action=argparse.BooleanOptionalAction, default=None,
@@ -86,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "authors do); segmentation reads the maps without it")
     p.add_argument("--background", action=argparse.BooleanOptionalAction, default=None,
                    help="shapes data: train the world's background class too (default: the model's recipe, else on)")
+    p.add_argument("--same-colour", type=float,
+                   help="shapes data: share of scenes whose objects all have one colour, told apart by their shape "
+                        "words alone (default: the model's recipe, else 0)")
     p.add_argument("--resolution", type=int, help="image side (default: 1024; the world size for shapes)")
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -99,6 +106,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"after ({HELDOUT_SCENES})")
     p.add_argument("--no-heldout", action="store_true", help="skip the held-out before/after mIoU")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _module_list(text: str) -> tuple[str, ...]:
+    """``--target-modules a,b,c`` as a tuple of names; an empty list is refused."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one module name, e.g. to_q,to_k,to_v,to_out.0")
+    return names
 
 
 def _warn(msg: str) -> None:
@@ -157,7 +172,9 @@ def _run(args: argparse.Namespace) -> int:
         model_path = resolve_model(args.model)
         recipe = model_recipe(model_path)  # the model's own settings, where the user gave none
         given = {"lr": args.lr, "warmup_steps": args.warmup_steps, "max_steps": args.max_steps,
-                 "batch_size": args.batch_size, "conv_head": args.conv_head, "protocol": args.protocol}
+                 "batch_size": args.batch_size, "conv_head": args.conv_head, "protocol": args.protocol,
+                 "rank": args.rank, "alpha": args.alpha, "target_modules": args.target_modules,
+                 "lambda_focal": args.lambda_focal, "lambda_dice": args.lambda_dice}
         settings = {k: recipe[k] for k in given if given[k] is None and k in recipe}
         settings.update({k: v for k, v in given.items() if v is not None})
         steps = settings.get("max_steps", MagnetConfig.max_steps)
@@ -167,8 +184,7 @@ def _run(args: argparse.Namespace) -> int:
             settings["protocol"] = "paper" if model_family(model_path).authors_magnet else "corrected"
         args.protocol = settings["protocol"]
         cfg = MagnetConfig(
-            layer=args.layer, rank=args.rank, alpha=args.alpha, lambda_focal=args.lambda_focal,
-            lambda_dice=args.lambda_dice, head_reduce=args.head_reduce, grad_accum=args.grad_accum,
+            layer=args.layer, head_reduce=args.head_reduce, grad_accum=args.grad_accum,
             max_grad_norm=args.max_grad_norm or None, resolution=args.resolution,
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
             seed=args.seed, checkpoint_every=args.checkpoint_every, num_workers=par.workers, **settings,
@@ -181,9 +197,14 @@ def _run(args: argparse.Namespace) -> int:
         if args.background is not None and kind != "shapes":
             raise CLIError("--background/--no-background choose whether ShapesWorld data trains its background "
                            f"class; --data {args.data} has no such class (drop the option)")
-        background = args.background if args.background is not None else recipe.get("include_background", True)
-        data = open_magnet_data(args.data, protocol=args.protocol,
-                                **({"include_background": background} if kind == "shapes" else {}))
+        if args.same_colour is not None and kind != "shapes":
+            raise CLIError(f"--same-colour sets the share of same-colour ShapesWorld scenes; --data {args.data} is "
+                           "not ShapesWorld (drop the option)")
+        shapes_kw = {"include_background": args.background if args.background is not None
+                     else recipe.get("include_background", True),
+                     "same_colour": args.same_colour if args.same_colour is not None
+                     else recipe.get("same_colour", 0.0)}
+        data = open_magnet_data(args.data, protocol=args.protocol, **(shapes_kw if kind == "shapes" else {}))
     except (ValueError, TypeError, ModelNotAvailableError) as e:
         raise CLIError(str(e).removeprefix("MagnetConfig: ")) from None
     warning = warmup_warning(cfg.max_steps, cfg.warmup_steps)

@@ -261,15 +261,27 @@ def test_magnet_settings_come_from_the_models_recipe(tmp_path, one_thread):
     assert (cfg["lr"], cfg["batch_size"], cfg["conv_head"]) == (recipe["lr"], recipe["batch_size"], recipe["conv_head"])
     assert (cfg["protocol"], recipe["include_background"]) == (recipe["protocol"], True)
     assert cfg["max_steps"] == 2 and cfg["warmup_steps"] == 0 and cfg["layer"] == 1
+    attn = ["to_q", "to_k", "to_v", "to_out.0"]  # the family's, resolved in the record
+    for key, default in (("target_modules", attn), ("lambda_focal", 0.1), ("lambda_dice", 0.2), ("alpha", 16.0)):
+        assert cfg[key] == recipe.get(key, default), key
+    assert cfg["rank"] == 2  # given
     assert (out / "magnet_head.safetensors").exists() == recipe["conv_head"]
     assert "background class" in cfg["provenance"]["data"]
 
     out2 = tmp_path / "given"
     assert cli.main(["magnet", "--data", "shapes:4", "--max-steps", "1", "--batch-size", "1", "--lr", "1e-3",
                      "--paper", "--no-conv-head", "--no-background", "--rank", "2", "--no-heldout", "--threads", "1",
+                     "--target-modules", "to_q, to_k", "--lambda-dice", "0.5", "--alpha", "4", "--same-colour", "1",
                      "--no-progress", "--out", str(out2)]) == 0
     cfg2 = json.load(open(out2 / "magnet_config.json"))
     assert (cfg2["lr"], cfg2["batch_size"], cfg2["conv_head"], cfg2["protocol"]) == (1e-3, 1, False, "paper")
+    assert (cfg2["target_modules"], cfg2["lambda_dice"], cfg2["alpha"]) == (["to_q", "to_k"], 0.5, 4.0)
+    assert "100 % same-colour scenes" in cfg2["provenance"]["data"]
+    from safetensors import safe_open
+
+    with safe_open(str(out2 / "pytorch_lora_weights.safetensors"), "pt") as f:
+        trained = {k.split(".attn.")[1].split(".lora")[0] for k in f.keys()}
+    assert trained == {"to_q", "to_k"}
     assert not (out2 / "magnet_head.safetensors").exists() and "background" not in cfg2["provenance"]["data"]
 
 
@@ -295,3 +307,14 @@ def test_background_option_is_for_shapes_only(tmp_path, capsys):
                      str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--background" in err[0] and not (tmp_path / "o").exists()
+
+
+def test_same_colour_option_is_for_shapes_only_and_modules_are_named(tmp_path, capsys):
+    (tmp_path / "coco").mkdir()
+    assert cli.main(["magnet", "--data", f"coco:{tmp_path / 'coco'}", "--same-colour", "0.5", "--out",
+                     str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--same-colour" in err[0] and not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["magnet", "--data", "shapes", "--target-modules", " , ", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "module name" in capsys.readouterr().err and not (tmp_path / "o").exists()

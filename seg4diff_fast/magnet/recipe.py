@@ -9,7 +9,8 @@ settings that suit it, e.g. the embedded ShapesWorld model (0.9 M parameters, 32
                "conv_head": true, "include_background": true}
 
 ``seg4diff-fast magnet`` fills every setting the user did not give from this block, then from the defaults, as
-it does the expert layer. ``include_background`` belongs to ShapesWorld data (the world's background class).
+it does the expert layer. ``include_background`` and ``same_colour`` belong to ShapesWorld data (the world's
+background class; the share of scenes whose objects share one colour).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["RECIPE_KEY", "DATA_KEYS", "model_recipe"]
 #: The block of a model's ``shapes_config.json`` holding its MAGNET recipe.
 RECIPE_KEY = "magnet"
 #: Recipe keys that set the data source rather than :class:`MagnetConfig`.
-DATA_KEYS = ("include_background",)
+DATA_KEYS = ("include_background", "same_colour")
 
 
 def model_recipe(model_path: str) -> dict[str, Any]:
