@@ -3,7 +3,11 @@ held-out loss with and without the caption.
 
 Usage::
 
-    python -m seg4diff_fast.shapes.probe PIPELINE_DIR [--scenes 200] [--t5-length 77]
+    python -m seg4diff_fast.shapes.probe PIPELINE_DIR [--scenes 200] [--t5-length 77] [--shape-probe]
+
+``--shape-probe`` adds :func:`~seg4diff_fast.shapes.token_probe.shape_probe`: how well a linear probe reads an
+object's shape from the image tokens entering each block (fitted on 500 training-range scenes, scored on the
+held-out ones).
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from .grounding import evaluate_grounding
 from .pipeline import ShapesConfig, load_shapes_pipeline
 from .train import heldout_losses, heldout_scenes
 from .world import BACKGROUND_RGB, COLORS, SHAPES, caption_for
+
+#: the shape probe's training scenes: seeds PROBE_TRAIN_SEED.. (apart from the held-out seeds 0.. and MAGNET's 10⁶..)
+PROBE_TRAIN_SEED, PROBE_TRAIN_SCENES = 500_000, 500
 
 
 def generation_colour_accuracy(pipe: Any, t5_length: int, size: int, n: int = 12, steps: int = 20,
@@ -52,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t5-length", type=int, default=None, help="zero T5 positions (default: the model's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--generate", type=int, default=0, help="also generate N single-object scenes and score colours")
+    ap.add_argument("--shape-probe", action="store_true",
+                    help="also probe the image tokens entering every block for their object's shape")
     a = ap.parse_args(argv)
     if a.threads:
         import torch
@@ -69,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
            **heldout_losses(pipe, scenes[:64], t5)}
     if a.generate:
         out.update(generation_colour_accuracy(pipe, t5, cfg.size, a.generate))
+    if a.shape_probe:
+        from .token_probe import shape_probe
+        from .world import ShapesWorld
+
+        train = [ShapesWorld(PROBE_TRAIN_SEED + i, size=cfg.size).sample() for i in range(PROBE_TRAIN_SCENES)]
+        out["shape_probe"] = shape_probe(pipe, train, scenes, blocks=range(cfg.num_layers))
     print(json.dumps(out))
     return 0
 
