@@ -29,9 +29,9 @@ from .cli_common import (
     add_model_arguments,
     add_parallel_arguments,
     check_device,
-    fail,
     load_model,
     parallelism,
+    run_command,
 )
 
 HELP = "evaluate zero-shot / unsupervised segmentation on a benchmark or a whole paper table (--preset)"
@@ -143,14 +143,15 @@ def _settings(args: argparse.Namespace, segmenter, pre_resize: int | None) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        check_device(args.device)  # before anything loads
-        parallelism(args, uses_workers=False)
-        if args.preset is not None:
-            return _run_preset(args)
-        return _run_dataset(args)
-    except CLIError as e:
-        return fail("eval", str(e))
+    return run_command("eval", _run, args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    check_device(args.device)  # before anything loads
+    parallelism(args, uses_workers=False)
+    if args.preset is not None:
+        return _run_preset(args)
+    return _run_dataset(args)
 
 
 def _run_dataset(args: argparse.Namespace) -> int:
@@ -160,14 +161,14 @@ def _run_dataset(args: argparse.Namespace) -> int:
     from .utils.files import write_json
 
     if args.dataset is None:
-        return fail("eval", f"--dataset or --preset is required (datasets: {', '.join(DATASET_CHOICES)}; "
-                     f"presets: {', '.join(_preset_names())})")
+        raise CLIError(f"--dataset or --preset is required (datasets: {', '.join(DATASET_CHOICES)}; "
+                       f"presets: {', '.join(_preset_names())})")
     out_path = args.out or "results.json"
     pre_resize = 640 if args.pre_resize is None else (args.pre_resize or None)
     try:
         if args.dataset == "folder":
             if not (args.images and args.labels and args.classes):
-                return fail("eval", "--dataset folder needs --images DIR --labels DIR --classes FILE.json")
+                raise CLIError("--dataset folder needs --images DIR --labels DIR --classes FILE.json")
             dataset = SegDataset(args.images, args.labels, load_classnames(args.classes),
                                  ignore_index=args.ignore_index, name="folder")
             protocol = args.protocol or "open-vocab"
@@ -175,7 +176,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
             dataset = SegDataset.standard(args.dataset, args.root, args.images, args.labels, args.ignore_index)
             protocol = args.protocol or DATASETS[args.dataset].protocol
         if args.limit is not None and args.limit < 1:
-            return fail("eval", "--limit must be >= 1")
+            raise CLIError("--limit must be >= 1")
         pipe, reader = _load(args)
         layers = args.layers if args.layers is not None else [reader.defaults.layer]
         if layers != "all":
@@ -186,7 +187,7 @@ def _run_dataset(args: argparse.Namespace) -> int:
                           layers="all" if layers == "all" else None, limit=args.limit, batch_size=args.batch_size,
                           threshold=args.threshold, power=args.power, progress=not args.no_progress)
     except (FileNotFoundError, ValueError, TypeError, ModelNotAvailableError, OSError) as e:
-        return fail("eval", str(e))
+        raise CLIError(str(e)) from None
 
     record = _provenance(args, pipe)
     result["model"] = record["model"]
@@ -211,28 +212,28 @@ def _run_preset(args: argparse.Namespace) -> int:
     for flag, value in (("--dataset", args.dataset), ("--images", args.images), ("--labels", args.labels),
                         ("--classes", args.classes), ("--protocol", args.protocol)):
         if value is not None:
-            return fail("eval", f"--preset runs its own datasets and task; {flag} cannot be combined with it")
+            raise CLIError(f"--preset runs its own datasets and task; {flag} cannot be combined with it")
     if args.layers == "all":
-        return fail("eval", "--preset runs the paper's layer; --layers all (a sweep) is for --dataset")
+        raise CLIError("--preset runs the paper's layer; --layers all (a sweep) is for --dataset")
     reason = preset_unavailable(preset)
     if reason is not None:
-        return fail("eval", reason)
+        raise CLIError(reason)
     if not args.model:
-        return fail("eval", f"--preset {preset.name} needs --model PATH (the paper's model: {preset.model})")
+        raise CLIError(f"--preset {preset.name} needs --model PATH (the paper's model: {preset.model})")
     if preset.lora and not args.lora:
-        return fail("eval", f"--preset {preset.name} needs --lora PATH (the paper's MAGNET weights: {preset.lora})")
+        raise CLIError(f"--preset {preset.name} needs --lora PATH (the paper's MAGNET weights: {preset.lora})")
     if args.limit is not None and args.limit < 1:
-        return fail("eval", "--limit must be >= 1")
+        raise CLIError("--limit must be >= 1")
     pre_resize = preset.pre_resize if args.pre_resize is None else (args.pre_resize or None)
     try:
         pipe, reader = _load(args)
         if reader.family.name != preset.family:
-            return fail("eval", f"--preset {preset.name} reads a {preset.family} pipeline (the paper's model: "
-                         f"{preset.model}); --model {args.model} is a {reader.family.name} pipeline")
+            raise CLIError(f"--preset {preset.name} reads a {preset.family} pipeline (the paper's model: "
+                           f"{preset.model}); --model {args.model} is a {reader.family.name} pipeline")
         layers = list(reader.check_layers(args.layers or list(preset.layers), "--layers"))
         segmenter = _segmenter(reader, layers, pre_resize, args.batch_size, args.segmenter_protocol)
     except (FileNotFoundError, ValueError, TypeError, ModelNotAvailableError, OSError) as e:
-        return fail("eval", str(e))
+        raise CLIError(str(e)) from None
 
     report = run_preset(preset, segmenter, args.root, limit=args.limit, batch_size=args.batch_size,
                         progress=not args.no_progress, threshold=args.threshold, power=args.power)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .grounding import _scene_rows
 from .world import SHAPES, Scene
 
 __all__ = ["block_inputs", "fit_linear_probe", "shape_probe", "token_shapes"]
@@ -68,13 +69,10 @@ def block_inputs(pipe: Any, scenes: Sequence[Scene], blocks: Sequence[int], *, b
 
     layers = reader.transformer.transformer_blocks
     handles = [layers[b].register_forward_pre_hook(keep(b), with_kwargs=True) for b in blocks]
-    try:
-        for s0 in range(0, len(scenes), batch_size):
-            part = scenes[s0:s0 + batch_size]
-            latents = reader.latents(reader.prepare([s.image for s in part])[0])
-            plans = [reader.token_positions(list(s.object_classes) or ["background"])[0] for s in part]
-            text = reader.encode_text([p.prompt for p in plans])
-            reader.read_rows(latents, text, [(j, j) for j in range(len(part))], (max(blocks),))
+    try:  # one row per scene, in order: the hooks see the scenes' tokens in order
+        for _ in _scene_rows(reader, list(scenes), lambda s: [("objects", list(s.object_classes) or ["background"])],
+                             (max(blocks),), "mean", batch_size):
+            pass
     finally:
         for h in handles:
             h.remove()
