@@ -248,7 +248,8 @@ def test_magnet_cli_reports_heldout_miou(umask, tmp_path, capsys, one_thread):
 
 def test_magnet_settings_come_from_the_models_recipe(tmp_path, one_thread):
     """A bare ``magnet --data shapes`` on the embedded model trains with the model's own recipe (its
-    shapes_config.json "magnet" block: lr, batch, no conv head, the background class); what the user gives wins;
+    shapes_config.json "magnet" block: lr, batch, the conv head, the LoRA's modules, the background class and the
+    share of same-colour scenes); what the user gives wins;
     a warm-up from the recipe is scaled to a run shorter than it (no warning), and the data is recorded."""
     from seg4diff_fast.magnet.recipe import model_recipe
     from seg4diff_fast.models import default_model_path
@@ -267,6 +268,8 @@ def test_magnet_settings_come_from_the_models_recipe(tmp_path, one_thread):
     assert cfg["rank"] == 2  # given
     assert (out / "magnet_head.safetensors").exists() == recipe["conv_head"]
     assert "background class" in cfg["provenance"]["data"]
+    if recipe.get("same_colour"):
+        assert f"{100 * recipe['same_colour']:g} % same-colour scenes" in cfg["provenance"]["data"]
 
     out2 = tmp_path / "given"
     assert cli.main(["magnet", "--data", "shapes:4", "--max-steps", "1", "--batch-size", "1", "--lr", "1e-3",

@@ -101,3 +101,20 @@ def test_polarity_names_a_head_that_inverts_its_input():
             conv.weight[0, 0, 1, 1] = 1.0
         head.net[-1].weight[0, 0, 1, 1] = -2.0  # relu(relu(x)) = x on the bump (x >= 0): x − 2x = −x
     assert head.polarity() == -1.0
+
+
+@pytest.mark.parametrize("lift, warned", [({"A": 11.6, "B": 41.6}, False), ({"A": -15.4, "B": 3.0}, True),
+                                          (None, True), ({"A": None, "B": 2.0}, False)])
+def test_magnet_command_reports_an_inverted_head_by_what_the_raw_maps_did(lift, warned, capsys):
+    """`seg4diff-fast magnet` after a run whose head has negative polarity: where its held-out check measured
+    the raw maps better on every protocol it scored, one note on stdout and no warning; where they got worse, or
+    nothing was measured (not ShapesWorld data, --no-heldout), the warning on stderr with its advice."""
+    from seg4diff_fast.cli_magnet import _report_inverted_head
+
+    summary = {"head_polarity": -0.7723}
+    if lift is not None:
+        summary["heldout"] = {"lift": lift}
+    _report_inverted_head(summary)
+    out, err = capsys.readouterr()
+    assert ("warning" in err and "--no-conv-head" in err and "-0.772" in err) == warned, err
+    assert ("note:" in out and "-0.772" in out) == (not warned), out

@@ -16,12 +16,13 @@ import torch
 from seg4diff_fast.shapes import EXPERT_LAYER, SIZE, T5_LENGTH
 from seg4diff_fast.shapes.train import evaluate_grounding, heldout_scenes
 
-# measured on the shipped weights with 200 held-out scenes (README, "ShapesWorld"): A 70.0, B 48.2, and A on
-# the scenes whose objects differ in colour 89.1; each threshold is that minus a margin
-MIN_A, MIN_B, MIN_A_DISTINCT = 62.0, 40.0, 82.0
+# measured on the shipped weights with 200 held-out scenes (README, "ShapesWorld"): A 79.8, B 34.2, A on the
+# scenes whose objects differ in colour 90.8 and on those where two share one 63.7 (the flat world's model had
+# 44.3 there); each threshold is that minus a margin
+MIN_A, MIN_B, MIN_A_DISTINCT, MIN_A_SHARED = 72.0, 28.0, 84.0, 55.0
 # the shipped MAGNET LoRA on the expert block, 64 held-out scenes (measured values in the tests' docstrings)
-MIN_MAGNET_B, MIN_MAGNET_B_LIFT, MIN_SHAPE_WORD_LIFT = 60.0, 12.0, 3.0
-WEAK_LAYER = 2  # a block that grounds poorly zero-shot (A 26.1, B 17.5): MAGNET's target
+MIN_MAGNET_A, MIN_MAGNET_A_LIFT, MIN_MAGNET_B, MIN_MAGNET_B_LIFT, MIN_SHAPE_WORD_LIFT = 86.0, 5.0, 68.0, 30.0, 3.0
+WEAK_LAYER = 2  # a block that grounds poorly zero-shot (A 37.8, B 27.2): MAGNET's target
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +43,18 @@ def test_zero_shot_quality_at_the_expert_layer(sweep):
     a, b = sweep["A"][EXPERT_LAYER], sweep["B"][EXPERT_LAYER]
     assert a >= MIN_A and a >= sweep["A_baseline"] + 25, (a, sweep["A_baseline"])
     assert b >= MIN_B and b >= sweep["B_baseline"] + 20, (b, sweep["B_baseline"])
-    # the issue's A >= 80 holds where a colour word tells the objects apart; where two objects share a colour
-    # only the shape words can, and they do not ground (README): that part stays far lower
-    assert sweep["n_A_distinct_colours"] >= 80
+    # where two objects share a colour only the shape words tell them apart: they ground (the flat world's
+    # model stayed at 44.3 there, a random pick between the two objects), if less well than a colour
+    assert sweep["n_A_distinct_colours"] >= 80 and sweep["n_A_shared_colour"] >= 40
     assert sweep["A_distinct_colours"][EXPERT_LAYER] >= MIN_A_DISTINCT, sweep["A_distinct_colours"]
-    assert sweep["A_shared_colour"][EXPERT_LAYER] < sweep["A_distinct_colours"][EXPERT_LAYER]
+    assert sweep["A_shared_colour"][EXPERT_LAYER] >= MIN_A_SHARED, sweep["A_shared_colour"]
 
 
 def test_expert_layer_is_the_sweep_best_and_stable_across_seeds_and_scene_sets(pipe, sweep):
     """The best block for protocol A and for protocol B is EXPERT_LAYER on the fixed held-out set, and again
     for 3 noise seeds on each of 2 disjoint scene sets (the held-out seeds and seeds from 100 000). Measured
-    on 200 scenes a set (README, "ShapesWorld"): block 1 wins all 12 picks; the runner-up is block 4."""
+    on 200 scenes a set (README, "ShapesWorld"): block 1 wins all 12 picks, ≥ 22 points of A ahead of block 3
+    and ≥ 6 of B ahead of blocks 2 and 4."""
     from seg4diff_fast.shapes import ShapesWorld
     from seg4diff_fast.shapes.grounding import layer_stability
 
@@ -62,16 +64,16 @@ def test_expert_layer_is_the_sweep_best_and_stable_across_seeds_and_scene_sets(p
     assert len(r["runs"]) == 6 and r["stable"] and r["best_A"] == r["best_B"] == [EXPERT_LAYER], r
 
 
-def test_colour_words_ground_and_shape_words_barely(pipe):
-    """Why protocol A stops near 70 zero-shot (README, "ShapesWorld"): a colour word's map alone finds its
-    object (measured 97.6 % of object pixels on 200 scenes, chance 43 %), a shape word's barely (51.2 %, chance
-    40 %). Thresholds: both above chance, colour by a wide margin."""
+def test_colour_and_shape_words_ground(pipe):
+    """A colour word's map alone finds its object (measured 86.4 % of object pixels on 200 scenes, chance 43 %),
+    and so does a shape word's (87.3 %, chance 40 %; 51.2 % on the flat world, where a shape is visible only in
+    an object's outline). Thresholds: both far above chance."""
     from seg4diff_fast.shapes.grounding import word_grounding
 
     w = word_grounding(pipe, heldout_scenes(96, SIZE), EXPERT_LAYER, t5_length=T5_LENGTH)
     assert w["n_colour_scenes"] >= 30 and w["n_shape_scenes"] >= 50
-    assert w["colour"] >= 90 and w["colour"] >= w["colour_chance"] + 40, w
-    assert w["shape"] >= w["shape_chance"] + 3, w
+    assert w["colour"] >= 75 and w["colour"] >= w["colour_chance"] + 30, w
+    assert w["shape"] >= 75 and w["shape"] >= w["shape_chance"] + 30, w
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +88,17 @@ def shipped_lora():
 
 
 def test_shipped_magnet_lora_lifts_the_expert_block(shipped_lora):
-    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: B 48.2 → 68.1, A
-    70.0 → 73.7, flow-matching loss +1.4 %, a shape word alone picks its object 51.2 → 62.7 % of object pixels):
-    B rises by a margin no noise gives (the seed-to-seed spread of B is about 1 point), A does not fall, the
-    flow-matching loss stays within +5 %, and the shape words ground better than before."""
+    """MAGNET on the expert block itself (README, "MAGNET fine-tuning", 200 held-out scenes: A 79.8 → 91.3, B
+    34.2 → 75.9, the issue's A ≥ 90 and B ≥ 75; on these 64 scenes A 81.6 → 91.2, B 35.5 → 75.7, flow-matching
+    loss +4.6 %, a shape word alone picks its object 88.1 → 94.7 % of object pixels): A and B rise by margins no
+    noise gives (the seed-to-seed spread is about 1.5 points), the flow-matching loss stays within the issue's
+    +5 % (same σ and noise before and after, so the change is deterministic), and the shape words ground better."""
     r = shipped_lora
     assert r["layer"] == EXPERT_LAYER
     b0, b1 = r["before"]["B"][EXPERT_LAYER], r["after"]["B"][EXPERT_LAYER]
     a0, a1 = r["before"]["A"][EXPERT_LAYER], r["after"]["A"][EXPERT_LAYER]
     assert b1 >= MIN_MAGNET_B and b1 >= b0 + MIN_MAGNET_B_LIFT, (b0, b1)
-    assert a1 >= a0 - 1.0, (a0, a1)
+    assert a1 >= MIN_MAGNET_A and a1 >= a0 + MIN_MAGNET_A_LIFT, (a0, a1)
     assert r["fm_loss_change"] <= 0.05, r["fm_loss_change"]
     assert r["after"]["words"]["shape"] >= r["before"]["words"]["shape"] + MIN_SHAPE_WORD_LIFT, (
         r["before"]["words"], r["after"]["words"])
@@ -121,10 +124,10 @@ def test_magnet_short_run_lifts_a_weak_block(tmp_path):
     train_magnet(pipe, ShapesMagnetData(2000, include_background=True), cfg, str(tmp_path), progress=False)
     log = [json.loads(line) for line in open(os.path.join(tmp_path, "log.jsonl"))]
     mask = [r["focal"] * 0.1 + r["dice"] * 0.2 for r in log]
-    assert np.mean(mask[-10:]) < 0.6 * np.mean(mask[:10]), (mask[:10], mask[-10:])  # measured 0.39×
+    assert np.mean(mask[-10:]) < 0.85 * np.mean(mask[:10]), (mask[:10], mask[-10:])  # measured 0.73×
     after = evaluate_grounding(pipe, scenes, SIZE, t5_length=T5_LENGTH)
     lift = after["B"][WEAK_LAYER] - before["B"][WEAK_LAYER]
-    assert lift >= 5.0, (before["B"], after["B"])  # measured +8.9 (the 1200-step run in the README: +26.7)
+    assert lift >= 8.0, (before["B"], after["B"])  # measured +15.6 (the 2000-step recipe in the README: +43.9)
 
 
 def test_the_shipped_facts_and_the_plain_segmenter_call(pipe):
@@ -146,4 +149,4 @@ def test_the_shipped_facts_and_the_plain_segmenter_call(pipe):
         meter.update(np.array([CLASSES.index(c) for c in s.classes])[r.label_map], s.global_label_map())
     res = seg([s.image for s in scenes], classes=[s.object_classes for s in scenes])
     fg = np.mean([(r.label_map + 1 == s.label_map)[s.label_map > 0].mean() for r, s in zip(res, scenes)])
-    assert meter.compute()["mIoU"] >= 40 and fg >= 0.8, (meter.compute()["mIoU"], fg)
+    assert meter.compute()["mIoU"] >= 28 and fg >= 0.85, (meter.compute()["mIoU"], fg)

@@ -11,8 +11,8 @@ from seg4diff_fast.shapes.world import BACKGROUND_RGB
 SEEDS = range(120)
 
 
-def _scene(seed: int, size: int = 32):
-    return ShapesWorld(seed, size=size).sample()
+def _scene(seed: int, size: int = 32, texture: bool | None = None):
+    return ShapesWorld(seed, size=size, texture=texture).sample()
 
 
 def _full_shape(shape: str, box: tuple[float, float, float, float], size: int) -> np.ndarray:
@@ -50,10 +50,11 @@ def test_deterministic_by_seed():
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_label_map_matches_pixel_colours(size):
-    """Pixel colour ⇒ colour of the labelled class (background ⇔ background colour)."""
+    """Pixel colour ⇒ colour of the labelled class (background ⇔ background colour), in the flat world (the
+    textured one: test_textured_scenes_show_each_shape_in_every_patch)."""
     rgb_to_colour = {v: k for k, v in COLORS.items()}
     for seed in range(40):
-        s = _scene(seed, size)
+        s = _scene(seed, size, texture=False)
         img = np.asarray(s.image)
         assert s.image.mode == "RGB" and img.shape == (size, size, 3)
         assert s.label_map.dtype == np.int64 and s.label_map.shape == (size, size)
@@ -115,7 +116,7 @@ def test_same_colour_scenes():
     exact; 0 gives the default stream; anything else is refused."""
     colours_seen = set()
     for seed in range(60):
-        s = ShapesWorld(seed, same_colour=1.0).sample()
+        s = ShapesWorld(seed, same_colour=1.0, texture=False).sample()
         cols = {c.split()[0] for c in s.object_classes}
         shapes = [c.split()[1] for c in s.object_classes]
         assert len(cols) == 1 and len(set(shapes)) == len(shapes)
@@ -124,7 +125,7 @@ def test_same_colour_scenes():
         for j, name in enumerate(s.classes):
             want = BACKGROUND_RGB if name == BACKGROUND else COLORS[name.split()[0]]
             assert np.all(rgb[s.label_map == j] == want)
-        d = ShapesWorld(seed, same_colour=0.0).sample()
+        d = ShapesWorld(seed, same_colour=0.0, texture=False).sample()
         assert d.caption == _scene(seed).caption and np.array_equal(d.label_map, _scene(seed).label_map)
     assert colours_seen == set(COLORS)
     mixed = [ShapesWorld(seed, same_colour=0.5).sample() for seed in range(200)]
@@ -132,3 +133,45 @@ def test_same_colour_scenes():
     assert 0.4 < share < 0.75  # half forced, plus the default's own same-colour pairs
     with pytest.raises(ValueError, match="same_colour"):
         ShapesWorld(0, same_colour=1.5)
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_textured_scenes_show_each_shape_in_every_patch(size):
+    """texture=True draws the same scene as texture=False (layout, caption, label map), with each shape's own
+    texture checked pixel by pixel against a loop written here: a circle solid, a square darker on odd rows, a
+    triangle darker on odd columns (at TEXTURE_SHADE of its colour). Every pixel's nearest palette colour stays
+    its class's, and every grid-aligned 2×2 patch lying in one object tells its shape from its pixels alone."""
+    from seg4diff_fast.shapes.world import TEXTURE_SHADE
+
+    assert ShapesWorld(0).texture and not ShapesWorld(0, texture=False).texture  # textured by default
+    palette = [BACKGROUND_RGB] + list(COLORS.values())
+    owners = [BACKGROUND] + list(COLORS)
+    patches = {shape: 0 for shape in SHAPES}
+    for seed in range(40):
+        flat = ShapesWorld(seed, size, texture=False).sample()
+        tex = ShapesWorld(seed, size, texture=True).sample()
+        assert (tex.caption, tex.classes) == (flat.caption, flat.classes)
+        assert np.array_equal(tex.label_map, flat.label_map)
+        img, ref = np.asarray(tex.image).astype(int), np.asarray(flat.image).astype(int)
+        for y in range(size):
+            for x in range(size):
+                name = tex.classes[tex.label_map[y, x]]
+                want = ref[y, x]
+                if name != BACKGROUND:
+                    shape = name.split()[1]
+                    if (shape == "square" and y % 2) or (shape == "triangle" and x % 2):
+                        want = np.round(want * TEXTURE_SHADE)
+                assert np.array_equal(img[y, x], want), (seed, y, x, name)
+                nearest = owners[int(np.argmin([np.sum((img[y, x] - np.array(c)) ** 2) for c in palette]))]
+                assert nearest == name.split()[0], (seed, y, x, name)
+        for y in range(0, size, 2):
+            for x in range(0, size, 2):
+                labels = tex.label_map[y:y + 2, x:x + 2]
+                if labels.min() != labels.max() or labels[0, 0] == 0:
+                    continue
+                p = img[y:y + 2, x:x + 2].sum(-1)
+                seen = ("square" if p[0, 0] != p[1, 0] else "triangle" if p[0, 0] != p[0, 1] else "circle")
+                shape = tex.classes[labels[0, 0]].split()[1]
+                assert seen == shape, (seed, y, x, shape)
+                patches[shape] += 1
+    assert min(patches.values()) > 100, patches

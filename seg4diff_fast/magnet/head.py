@@ -88,9 +88,10 @@ class MapHead(nn.Module):
     def polarity(self, size: int = 16) -> float:
         """How the trained head passes a region on: its output at the centre of a unit square bump (a quarter of
         a ``size``² map, zeros elsewhere) minus its output in the far corner. Positive: a high region stays high.
-        Negative: the head inverts its input, so the mask loss trained the raw maps to the opposite sign and
-        segmentation without the head (as ``segment``, ``eval --lora`` and a stock ``load_lora_weights`` read
-        them) is worse than before training: train with ``conv_head=False``.
+        Negative: the head inverts its input, so the mask loss may have trained the raw maps to the opposite sign,
+        and segmentation without the head (as ``segment``, ``eval --lora`` and a stock ``load_lora_weights`` read
+        them) worse than before training (it did on weak blocks; on the textured world's expert block a head at
+        −0.77 left raw maps far better): measure, and train with ``conv_head=False`` if they got worse.
 
         Example:
             >>> MapHead().polarity()  # the zero-initialised head is the identity
@@ -105,6 +106,6 @@ class MapHead(nn.Module):
 
 def inverted_head_message(polarity: float) -> str:
     """What to tell a user whose trained head has a negative :meth:`MapHead.polarity` (one line)."""
-    return (f"the trained conv head inverts its input (polarity {polarity:.3f}): the mask loss was met through the "
-            "head with the raw maps of the opposite sign, and segmentation reads the raw maps; train again with "
-            "conv_head=False (--no-conv-head)")
+    return (f"the trained conv head inverts its input (polarity {polarity:.3f}): the mask loss may have been met "
+            "through the head with raw maps of the opposite sign, and segmentation reads the raw maps; measure the "
+            "layer with the LoRA (eval --lora) and, if it got worse, train again with conv_head=False (--no-conv-head)")

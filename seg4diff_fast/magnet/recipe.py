@@ -5,8 +5,9 @@ The authors' settings (:class:`~seg4diff_fast.magnet.MagnetConfig`'s defaults: l
 (``shapes_config.json``, :func:`seg4diff_fast.reader.model_config`) may add a ``"magnet"`` block with the
 settings that suit it, e.g. the embedded ShapesWorld model (0.9 M parameters, 32² scenes)::
 
-    "magnet": {"protocol": "corrected", "lr": 0.003, "warmup_steps": 50, "max_steps": 1200, "batch_size": 16,
-               "conv_head": true, "include_background": true}
+    "magnet": {"protocol": "corrected", "lr": 0.003, "warmup_steps": 50, "max_steps": 2000, "batch_size": 16,
+               "conv_head": true, "include_background": true, "same_colour": 0.3,
+               "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", ...]}
 
 ``seg4diff-fast magnet`` fills every setting the user did not give from this block, then from the defaults, as
 it does the expert layer. ``include_background`` and ``same_colour`` belong to ShapesWorld data (the world's

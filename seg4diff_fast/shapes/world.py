@@ -4,8 +4,12 @@ A scene is a plain background with 1–3 objects, each a distinct (colour, shape
 "red circle", at a random size and position. Objects are drawn in order, later ones occluding earlier
 ones; masks and the label map describe what is *visible*, and an object is re-placed (or dropped) when
 less than ``min_visible`` of its own area would stay visible, so no object is (nearly) hidden. Drawing is
-hard-edged (no anti-aliasing): every pixel has exactly the colour of its class, which makes the label
-map checkable from the pixels alone.
+hard-edged (no anti-aliasing) and every shape has its own texture (a circle solid, a square in horizontal
+stripes, a triangle in vertical stripes, the dark stripes at :data:`TEXTURE_SHADE` of the colour): every
+pixel's nearest palette colour is its class's colour and every 2×2 patch inside an object shows its shape,
+which makes the label map checkable from the pixels alone, even where two objects of one colour touch.
+``texture=False`` draws the flat world of the first shipped model (one colour per object, so two touching
+objects of one colour merge into a single blob).
 
 Example:
     >>> from seg4diff_fast.shapes import ShapesWorld, CLASSES
@@ -50,6 +54,14 @@ BACKGROUND_RGB: tuple[int, int, int] = (60, 60, 60)
 CLASSES: tuple[str, ...] = (BACKGROUND,) + tuple(f"{c} {s}" for c in COLORS for s in SHAPES)
 #: Every word a caption or class name uses.
 WORDS: tuple[str, ...] = tuple(COLORS) + SHAPES + ("and", "on", BACKGROUND)
+
+
+#: Default of :class:`ShapesWorld`'s ``texture``.
+TEXTURED: bool = True
+#: Brightness of a textured shape's dark rows or columns (a fraction of its colour).
+TEXTURE_SHADE: float = 0.75
+#: Which pixel rows (0) or columns (1) are darkened, per textured shape (a circle stays solid).
+_STRIPE_AXIS = {"square": 0, "triangle": 1}
 
 
 def caption_for(names: list[str]) -> str:
@@ -113,11 +125,16 @@ class ShapesWorld:
         min_visible: least visible fraction of an object's own area (else it is re-placed, then dropped).
         same_colour: probability that all objects of a scene share one colour (distinct shapes), so that
             only the shape words tell them apart. 0 (the default) leaves the stream unchanged.
+        texture: draw each shape with its own fine texture, aligned to the pixel grid: a circle solid, a
+            square in horizontal stripes, a triangle in vertical stripes (every other row or column at
+            :data:`TEXTURE_SHADE` of the colour). A shape is then visible in every 2×2 patch of the object,
+            as a real object's identity is in its texture, not only in its outline. None: :data:`TEXTURED`
+            (True); False: the flat world.
     """
 
     def __init__(self, seed: int = 0, size: int = 32, min_objects: int = 1, max_objects: int = 3,
                  min_radius: float = 0.14, max_radius: float = 0.28, min_visible: float = 0.5,
-                 same_colour: float = 0.0):
+                 same_colour: float = 0.0, texture: bool | None = None):
         if not 1 <= min_objects <= max_objects <= len(CLASSES) - 1:
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(CLASSES) - 1}")
         if size < 8:
@@ -132,6 +149,7 @@ class ShapesWorld:
         if not 0.0 <= same_colour <= 1.0:
             raise ValueError(f"same_colour must be a probability, got {same_colour}")
         self.same_colour = float(same_colour)
+        self.texture = TEXTURED if texture is None else bool(texture)
 
     def sample(self) -> Scene:
         """The next scene of this world's stream."""
@@ -167,8 +185,16 @@ class ShapesWorld:
         label_map = owner + 1
         rgb = np.empty((size, size, 3), dtype=np.uint8)
         rgb[:] = BACKGROUND_RGB
-        for j, (color, _, _, _) in enumerate(placed):
+        for j, (color, shape, _, _) in enumerate(placed):
             rgb[owner == j] = COLORS[color]
+            if self.texture and shape in _STRIPE_AXIS:
+                dark = owner == j
+                keep = np.arange(size) % 2 == 0
+                if _STRIPE_AXIS[shape] == 0:
+                    dark[keep, :] = False
+                else:
+                    dark[:, keep] = False
+                rgb[dark] = np.round(np.asarray(COLORS[color], dtype=np.float64) * TEXTURE_SHADE).astype(np.uint8)
         return Scene(
             image=Image.fromarray(rgb, "RGB"),
             caption=caption_for(names),
