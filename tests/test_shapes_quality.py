@@ -150,3 +150,24 @@ def test_the_shipped_facts_and_the_plain_segmenter_call(pipe):
     res = seg([s.image for s in scenes], classes=[s.object_classes for s in scenes])
     fg = np.mean([(r.label_map + 1 == s.label_map)[s.label_map > 0].mean() for r, s in zip(res, scenes)])
     assert meter.compute()["mIoU"] >= 28 and fg >= 0.85, (meter.compute()["mIoU"], fg)
+
+
+def test_shapes_check_command_pins_its_threads(tmp_path, capsys):
+    """`python -m seg4diff_fast.magnet.shapes_check --lora DIR` (its real entry point, in-process): runs on
+    --threads torch threads (default 1) and writes the before/after table and JSON; --threads 0 is refused."""
+    from seg4diff_fast.magnet.shapes_check import main
+    from seg4diff_fast.shapes.shipped import MAGNET_LORA_DIR
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(["--lora", MAGNET_LORA_DIR, "--scenes", "8", "--generate", "0", "--out", str(tmp_path)]) == 0
+        assert torch.get_num_threads() == 1
+        assert "| A after |" in capsys.readouterr().out
+        r = json.load(open(tmp_path / "lora_check.json"))
+        assert r["scenes"] == 8 and r["after"]["B"][EXPERT_LAYER] > r["before"]["B"][EXPERT_LAYER]
+        with pytest.raises(SystemExit) as e:
+            main(["--lora", MAGNET_LORA_DIR, "--threads", "0"])
+        assert e.value.code == 2 and "--threads must be >= 1" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(saved)

@@ -234,10 +234,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", choices=("paper", "corrected"), default="paper",
                     help="MAGNET's protocol (docs/PAPER_PROTOCOL_MAGNET.md); default paper")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: the embedded model's ops are too small for more to pay, and two "
+                         "runs side by side on two cores each asking for two threads ran 5x slower)")
     ap.add_argument("--lora", default=None,
                     help="measure this saved LoRA (e.g. the shipped one) instead of training: before/after on "
                          "--scenes held-out scenes, the LoRA loaded into a fresh pipeline")
     args = ap.parse_args(argv)
+    if args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.lora:
         r = lora_check(args.lora, scenes=args.scenes, generate=args.generate, out=args.out)
         print(markdown(r))
