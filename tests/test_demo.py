@@ -193,8 +193,9 @@ def test_pictures_show_the_recorded_predictions(demo_run, lora_dir):
     the blend in the prediction panel gives, cell by cell, the class the segmenter predicts (the palette
     colours stay recoverable after blending)."""
     _, _, out, record = demo_run
-    d = heldout_demo_scenes(1)[0]
-    s = d.scene
+    # the demo's batch (all its scenes, protocol B), so that no near-tie can fall otherwise than in the demo
+    batch = [x.scene for x in heldout_demo_scenes(N_SCENES)]
+    s = batch[0]
     h, w = s.label_map.shape
     with Image.open(out / record["scenes"][0]["picture"]) as im:
         pic = np.asarray(im.convert("RGB"), dtype=np.float64)
@@ -207,8 +208,6 @@ def test_pictures_show_the_recorded_predictions(demo_run, lora_dir):
     centre = (np.arange(h) * demo.SCALE + demo.SCALE // 2)[:, None], (np.arange(w) * demo.SCALE + demo.SCALE // 2)
     with one_thread():
         for row, (side, lora) in enumerate((("zero-shot", None), ("magnet", lora_dir))):
-            # the demo's batch (all its scenes, protocol B), so that no near-tie can fall otherwise than in the demo
-            batch = [x.scene for x in heldout_demo_scenes(N_SCENES)]
             pred = _seg(lora, EXPERT_LAYER)([x.image for x in batch], classes=[x.classes for x in batch])[0].label_map
             y0 = demo.HEADER_H + demo.TITLE_H + row * (h * demo.SCALE + demo.CAPTION_H)
             x_pred, x_err = demo.LABEL_W + 2 * (p + demo.GAP), demo.LABEL_W + 3 * (p + demo.GAP)

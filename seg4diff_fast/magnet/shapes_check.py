@@ -241,11 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure this saved LoRA (e.g. the shipped one) instead of training: before/after on "
                          "--scenes held-out scenes, the LoRA loaded into a fresh pipeline")
     args = ap.parse_args(argv)
-    if args.threads < 1:
-        ap.error(f"--threads must be >= 1, got {args.threads}")
-    import torch
+    from ..utils.parallel import plan_parallelism
 
-    torch.set_num_threads(args.threads)
+    try:
+        plan_parallelism(args.threads, uses_workers=False).apply()
+    except ValueError as e:
+        ap.error(str(e))
     if args.lora:
         r = lora_check(args.lora, scenes=args.scenes, generate=args.generate, out=args.out)
         print(markdown(r))

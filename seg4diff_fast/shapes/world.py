@@ -185,16 +185,13 @@ class ShapesWorld:
         label_map = owner + 1
         rgb = np.empty((size, size, 3), dtype=np.uint8)
         rgb[:] = BACKGROUND_RGB
+        odd = np.arange(size) % 2 == 1  # the dark rows (square) or columns (triangle) of a textured shape
         for j, (color, shape, _, _) in enumerate(placed):
-            rgb[owner == j] = COLORS[color]
+            mine = owner == j
+            rgb[mine] = COLORS[color]
             if self.texture and shape in _STRIPE_AXIS:
-                dark = owner == j
-                keep = np.arange(size) % 2 == 0
-                if _STRIPE_AXIS[shape] == 0:
-                    dark[keep, :] = False
-                else:
-                    dark[:, keep] = False
-                rgb[dark] = np.round(np.asarray(COLORS[color], dtype=np.float64) * TEXTURE_SHADE).astype(np.uint8)
+                stripes = np.expand_dims(odd, 1 - _STRIPE_AXIS[shape])  # (size, 1) rows or (1, size) columns
+                rgb[mine & stripes] = np.round(np.asarray(COLORS[color], dtype=np.float64) * TEXTURE_SHADE)
         return Scene(
             image=Image.fromarray(rgb, "RGB"),
             caption=caption_for(names),
